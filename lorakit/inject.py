@@ -1,0 +1,226 @@
+"""Putting adapters into a model, choosing the active one, and reporting what trains.
+
+    names = inject_adapters(model, LoraConfig(r=16, target_modules="all-linear"))   # in place
+    print(parameter_report(model))
+    with disable_adapters(model): base_logits = model(x)
+    set_active(model, "other")                                                       # no reload
+
+Every adapter has a name (default "default"). Exactly one is active at a time; its A and B (and
+its `modules_to_save` copies, and the adapted biases with bias="lora_only") are the only
+parameters with `requires_grad`. Adding an adapter makes it the active one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.layers import LoraLayer, SavedModule, lora_layers, saved_modules
+from lorakit.walk import find_targets, layer_kind, matches, replace_module
+
+_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+@dataclass
+class AdapterState:
+    """What lorakit keeps on the root module: the adapters' configs and which one is active."""
+
+    configs: dict[str, LoraConfig] = field(default_factory=dict)
+    active: str | None = None
+    merged: dict[str, nn.Module] = field(default_factory=dict)  # name -> adapter layer taken out by merge_
+
+
+def adapter_state(model: nn.Module) -> AdapterState:
+    state = model.__dict__.get("_lorakit")
+    if state is None:
+        state = AdapterState()
+        object.__setattr__(model, "_lorakit", state)
+    return state
+
+
+def inject_adapters(model: nn.Module, config: LoraConfig, name: str = "default") -> list[str]:
+    """Add adapter `name` to the layers `config.target_modules` selects; return their names.
+
+    In place. Layers already adapted take the new adapter beside their others. The new adapter
+    becomes the active one and the only thing that trains (see `set_active`).
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"adapter name {name!r} must be non-empty letters, digits, '_' or '-' (it becomes part of file keys)")
+    state = adapter_state(model)
+    if state.merged:
+        raise RuntimeError("the model has merged adapters: call lorakit.unmerge_(model) before adding another")
+    if name in state.configs:
+        raise ValueError(f"adapter {name!r} already exists; pick another name or lorakit.delete_adapter(model, {name!r})")
+
+    saved = config.modules_to_save or []
+
+    def accept(module_name: str, module: nn.Module) -> bool:
+        inside_saved = any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", module_name) for m in saved)
+        return layer_kind(module) is not None and not inside_saved and not _inside_saved_module(model, module_name)
+
+    names = find_targets(model, config.target_modules, config.exclude_modules, accept)
+    attach_adapter(model, name, config, names, _saved_names(model, saved))
+    return names
+
+
+def attach_adapter(
+    model: nn.Module,
+    name: str,
+    config: LoraConfig,
+    module_names: list[str],
+    saved_names: list[str],
+    per_module: dict[str, LoraConfig] | None = None,
+) -> None:
+    """Add adapter `name` at exactly `module_names` (and copies at `saved_names`), then activate it.
+
+    `per_module` overrides the config for some layers (PEFT's rank_pattern / alpha_pattern).
+    """
+    state = adapter_state(model)
+    if name in state.configs:
+        raise ValueError(f"adapter {name!r} already exists; pick another name or lorakit.delete_adapter(model, {name!r})")
+    per_module = per_module or {}
+    for module_name in module_names:
+        module = model.get_submodule(module_name)
+        layer = module if isinstance(module, LoraLayer) else LoraLayer(module)
+        layer.add_adapter(name, per_module.get(module_name, config))
+        if layer is not module:
+            replace_module(model, module_name, layer)
+    for module_name in saved_names:
+        module = model.get_submodule(module_name)
+        wrapper = module if isinstance(module, SavedModule) else SavedModule(module)
+        wrapper.add_adapter(name)
+        if wrapper is not module:
+            replace_module(model, module_name, wrapper)
+    state.configs[name] = config
+    set_active(model, name)
+
+
+def _inside_saved_module(model: nn.Module, module_name: str) -> bool:
+    parts = module_name.split(".")
+    return any(isinstance(model.get_submodule(".".join(parts[:i])), SavedModule) for i in range(1, len(parts)))
+
+
+def _saved_names(model: nn.Module, saved: list[str]) -> list[str]:
+    if not saved:
+        return []
+    names = [n for n, m in model.named_modules() if n and matches(n, saved) and not _inside_saved_module(model, n)]
+    missing = [s for s in saved if not any(matches(n, [s]) for n in names)]
+    if missing:
+        raise ValueError(f"modules_to_save={missing} matched no module in the model; check the names with model.named_modules()")
+    return names
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    return list(adapter_state(model).configs)
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    return adapter_state(model).active
+
+
+def set_active(model: nn.Module, name: str) -> None:
+    """Make adapter `name` the one that runs and trains. Cheap: flips flags, reloads nothing."""
+    state = adapter_state(model)
+    if name not in state.configs:
+        raise ValueError(f"no adapter named {name!r}; this model has {list(state.configs)}")
+    config = state.configs[name]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        layer.active = name if name in layer.lora else None
+        if layer.active is not None:
+            adapter = layer.lora[name]
+            adapter.A.requires_grad_(True)
+            adapter.B.requires_grad_(True)
+            if config.bias == "lora_only" and layer.bias is not None:
+                layer.bias.requires_grad_(True)
+    for _, wrapper in saved_modules(model):
+        wrapper.active = name if name in wrapper.copies else None
+        if wrapper.active is not None:
+            wrapper.copies[name].requires_grad_(True)
+    state.active = name
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` everywhere; layers left with no adapter go back to the base layer."""
+    state = adapter_state(model)
+    if name not in state.configs:
+        raise ValueError(f"no adapter named {name!r}; this model has {list(state.configs)}")
+    for module_name, layer in list(lora_layers(model)):
+        if name in layer.lora:
+            layer.delete_adapter(name)
+            if not layer.lora:
+                replace_module(model, module_name, layer.base_layer)
+    for module_name, wrapper in list(saved_modules(model)):
+        if name in wrapper.copies:
+            wrapper.delete_adapter(name)
+            if not wrapper.copies:
+                replace_module(model, module_name, wrapper.original)
+    del state.configs[name]
+    if state.active == name:
+        state.active = None
+        if state.configs:
+            set_active(model, next(iter(state.configs)))
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Run the base model inside the block (for PiSSA, the original weights, not the residual)."""
+    modules = [m for _, m in lora_layers(model)] + [m for _, m in saved_modules(model)]
+    before = [m.disabled for m in modules]
+    for m in modules:
+        m.disabled = True
+    try:
+        yield
+    finally:
+        for m, was in zip(modules, before):
+            m.disabled = was
+
+
+@dataclass(frozen=True)
+class ParameterReport:
+    trainable: int
+    total: int
+    active: str | None
+    adapters: tuple[str, ...]
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        others = [a for a in self.adapters if a != self.active]
+        return (
+            f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+            f"trainable%: {self.percent:.4f} || active adapter: {self.active}"
+            + (f" (also loaded: {', '.join(others)})" if others else "")
+        )
+
+    __repr__ = __str__
+
+
+def parameter_report(model: nn.Module) -> ParameterReport:
+    """Trainable and total parameter counts. A quantized weight counts its logical elements."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    total += sum(_numel(m.shape) for m in model.modules() if _is_quantized_weight(m))
+    state = adapter_state(model)
+    return ParameterReport(trainable, total, state.active, tuple(state.configs))
+
+
+def _is_quantized_weight(module: nn.Module) -> bool:
+    return callable(getattr(module, "dequantize", None)) and hasattr(module, "shape") and not list(module.parameters(recurse=False))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n

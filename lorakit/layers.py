@@ -1,0 +1,284 @@
+"""Adapter layers: one `LoraLayer` for every supported layer kind, and `SavedModule` for
+modules trained in full (PEFT's `modules_to_save`).
+
+A `LoraLayer` replaces a base layer in the model and owns the base's frozen `weight` and `bias`
+*by reference* (the same Parameter objects), so `q_proj.weight` stays `q_proj.weight` in the
+state dict. The original module is kept, unregistered, as `base_layer`: `merge_` puts it back.
+
+For an adapter with rank r, scaling s and input dropout:
+
+    kind        base weight W         A                 B                forward
+    linear      (out, in)             (r, in)           (out, r)         W x + b + s · B A drop(x)
+    Conv1D      (in, out) (GPT-2)     (r, in)           (out, r)         x W + b + s · B A drop(x)
+    embedding   (num, dim)            (r, num)          (dim, r)         W[ids] + s · B (Aᵀ[ids])
+    convNd      (out, in, *k)         (r, in, *k)       (out, r, 1...)   conv(x, W) + s · B ⊛ conv(drop(x), A)
+
+The A convolution uses the base's stride, padding, dilation and padding mode, so the update is
+exactly the dense ΔW = s · (B A) reshaped to W's layout (`delta_weight`), which merges losslessly.
+Adapter parameters are kept in float32 (or the base's dtype if it is float64) and cast to the
+input's dtype in forward, so a bf16 base computes in bf16 while the optimizer sees fp32 values.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.walk import layer_kind
+
+
+def is_dense(weight: object) -> bool:
+    return isinstance(weight, torch.Tensor)
+
+
+def dense_linear(x: torch.Tensor, weight: nn.Module | torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x Wᵀ + b for a dense or a quantized weight (the quantized path dequantizes on the fly)."""
+    if is_dense(weight):
+        return F.linear(x, weight, bias)
+    from lorakit.quant.linear import linear
+
+    return linear(x, weight, bias)
+
+
+class LoraAdapter(nn.Module):
+    """One named adapter of one layer.
+
+    Stored tensors (float32 unless the base is float64):
+        A:  (r, in, *kernel)  linear (r, in); embedding (r, num_embeddings)
+        B:  (out, r, *ones)   linear (out, r); embedding (embedding_dim, r)
+        A0, B0 (PiSSA only, buffers): the initial A and B, so the adapter can be written as plain
+            LoRA against the original (un-residualised) weight: s·(BA − B0A0) + s·B0A0.
+    """
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float) -> None:
+        super().__init__()
+        self.A = nn.Parameter(a)
+        self.B = nn.Parameter(b)
+        self.r = a.shape[0]
+        self.scaling = scaling
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def is_pissa(self) -> bool:
+        return hasattr(self, "A0")
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}" + (", pissa" if self.is_pissa else "")
+
+
+class LoraLayer(nn.Module):
+    """A base layer plus any number of named LoRA adapters, one of them active."""
+
+    is_lora_layer = True
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        kind = layer_kind(base)
+        if kind is None:
+            raise TypeError(f"cannot adapt {type(base).__name__}: supported are Linear, Embedding, Conv1d, Conv2d, GPT-2 Conv1D")
+        if kind.startswith("conv") and base.groups != 1:
+            raise ValueError(f"cannot adapt {base}: grouped convolutions (groups={base.groups}) are not supported; exclude it")
+        self.weight = base.weight  # the same Parameter (or quantized weight module): keys stay the base's
+        self.register_parameter("bias", getattr(base, "bias", None))
+        object.__setattr__(self, "base_layer", base)  # unregistered, after the weight: __getattr__ falls back to it
+        self.kind = kind
+        self.transposed = type(base).__name__ == "Conv1D"  # GPT-2 stores W as (in, out)
+        self.lora = nn.ModuleDict()
+        self.active: str | None = None
+        self.disabled = False
+
+    # -- shapes -------------------------------------------------------------------------------
+    @property
+    def in_out(self) -> tuple[int, int]:
+        base = self.base_layer
+        if self.kind == "embedding":
+            return base.num_embeddings, base.embedding_dim
+        if self.kind.startswith("conv"):
+            return base.in_channels, base.out_channels
+        if self.transposed:
+            return base.weight.shape[0], base.nf
+        return base.in_features, base.out_features
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("base_layer")
+            if base is None:
+                raise
+            return getattr(base, name)  # in_features, stride, padding_idx, ... as before injection
+
+    # -- adapters -----------------------------------------------------------------------------
+    def add_adapter(self, name: str, config: LoraConfig) -> None:
+        if name in self.lora:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        n_in, n_out = self.in_out
+        r = config.r
+        kernel = tuple(self.base_layer.kernel_size) if self.kind.startswith("conv") else ()
+        device = self.weight.device
+        dtype = torch.float64 if is_dense(self.weight) and self.weight.dtype == torch.float64 else torch.float32
+        a = torch.empty((r, n_in, *kernel), device=device, dtype=dtype)
+        b = torch.zeros((n_out, r, *(1 for _ in kernel)), device=device, dtype=dtype)
+        if self.kind == "embedding":  # PEFT's convention: A zero, B normal; the update starts at 0
+            a.zero_()
+            nn.init.normal_(b)
+        elif config.init == "gaussian":
+            nn.init.normal_(a, std=1.0 / r)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        adapter = LoraAdapter(a, b, config.scaling, 0.0 if self.kind == "embedding" else config.dropout)
+        if config.init == "pissa":
+            self._init_pissa(adapter)
+        self.lora[name] = adapter
+
+    def _init_pissa(self, adapter: LoraAdapter) -> None:
+        """PiSSA (Meng et al., 2024): W = U S Vᵀ; B = U_r √S_r / √s, A = √S_r V_rᵀ / √s, W ← W − s·B A."""
+        if self.kind != "linear" or not is_dense(self.weight):
+            raise ValueError(
+                f"init='pissa' needs a dense linear layer, got a {self.kind} layer with a "
+                f"{type(self.weight).__name__} weight: exclude it or use init='default'"
+            )
+        with torch.no_grad():
+            w = self.weight.detach().float()
+            w = w.T if self.transposed else w  # (out, in)
+            u, s_vals, vh = torch.linalg.svd(w, full_matrices=False)
+            r, s = adapter.r, adapter.scaling
+            root = (s_vals[:r] / s).sqrt()
+            adapter.B.copy_(u[:, :r] * root)  # (out, r)
+            adapter.A.copy_(root[:, None] * vh[:r])  # (r, in)
+            residual = w - s * (adapter.B.float() @ adapter.A.float())
+            self.weight.copy_((residual.T if self.transposed else residual).to(self.weight.dtype))
+            adapter.register_buffer("A0", adapter.A.detach().clone())
+            adapter.register_buffer("B0", adapter.B.detach().clone())
+
+    def delete_adapter(self, name: str) -> None:
+        del self.lora[name]
+        if self.active == name:
+            self.active = None
+
+    def adapter(self) -> LoraAdapter | None:
+        """The active adapter, or None (no adapter active here, or adapters disabled)."""
+        if self.active is None or self.disabled:
+            return None
+        return self.lora[self.active]
+
+    # -- math ---------------------------------------------------------------------------------
+    def delta_weight(self, name: str | None = None, *, initial: bool = False) -> torch.Tensor:
+        """The dense update ΔW = s · B A of adapter `name` (default: active), in W's layout, float32.
+
+        `initial=True` gives the PiSSA initial update s · B0 A0 instead.
+        """
+        adapter = self.lora[name or self.active]
+        a, b = (adapter.A0, adapter.B0) if initial else (adapter.A, adapter.B)
+        r = adapter.r
+        delta = adapter.scaling * (b.reshape(b.shape[0], r).float() @ a.reshape(r, -1).float())  # (out, in·k)
+        if self.kind == "embedding":
+            return delta.T  # (num, dim)
+        if self.kind.startswith("conv"):
+            return delta.reshape(self.weight.shape)
+        return delta.T if self.transposed else delta
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        if self.kind == "linear":
+            if self.transposed:  # GPT-2 Conv1D: x (..., in) @ W (in, out)
+                out = x.reshape(-1, x.shape[-1]) @ self.weight
+                out = out + self.bias if self.bias is not None else out
+                return out.reshape(*x.shape[:-1], out.shape[-1])
+            return dense_linear(x, self.weight, self.bias)
+        if self.kind == "embedding":
+            return F.embedding(x, self.weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+        return base._conv_forward(x, self.weight, self.bias)
+
+    def adapter_forward(self, adapter: LoraAdapter, x: torch.Tensor, *, initial: bool = False) -> torch.Tensor:
+        a, b = (adapter.A0, adapter.B0) if initial else (adapter.A, adapter.B)
+        s = adapter.scaling
+        if self.kind == "embedding":
+            h = F.embedding(x, a.T, self.base_layer.padding_idx, None, 2.0, self.base_layer.scale_grad_by_freq, self.base_layer.sparse)
+            return F.linear(h * s, b.to(h.dtype))  # (..., dim)
+        dtype = x.dtype if x.is_floating_point() else a.dtype
+        a, b = a.to(dtype), b.to(dtype)
+        x = adapter.dropout(x)
+        if self.kind == "linear":
+            return F.linear(F.linear(x, a) * s, b)  # (..., r) -> (..., out)
+        h = self.base_layer._conv_forward(x, a, None) * s  # (N, r, *spatial)
+        return (F.conv1d if self.kind == "conv1d" else F.conv2d)(h, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_forward(x)
+        if self.active is None:
+            return out
+        adapter = self.lora[self.active]
+        if self.disabled:
+            # PiSSA moved s·B0A0 out of W: add it back so "disabled" means the original model.
+            return out + self.adapter_forward(adapter, x, initial=True) if adapter.is_pissa else out
+        return out + self.adapter_forward(adapter, x)
+
+    def extra_repr(self) -> str:
+        n_in, n_out = self.in_out
+        weight = "dense" if is_dense(self.weight) else type(self.weight).__name__
+        return f"kind={self.kind}, in={n_in}, out={n_out}, weight={weight}, active={self.active!r}"
+
+
+class SavedModule(nn.Module):
+    """A module trained in full, one copy per adapter (PEFT's `modules_to_save`).
+
+    The original module's parameters, buffers and children are registered under their own names,
+    so its state-dict keys do not change; each adapter's trainable copy lives in `copies[name]`.
+    """
+
+    is_saved_module = True
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "original", original)
+        for key, param in original._parameters.items():
+            self.register_parameter(key, param)
+        for key, buf in original._buffers.items():
+            self.register_buffer(key, buf, persistent=key not in original._non_persistent_buffers_set)
+        for key, child in original._modules.items():
+            self.add_module(key, child)
+        self.copies = nn.ModuleDict()
+        self.active: str | None = None
+        self.disabled = False
+
+    def add_adapter(self, name: str) -> None:
+        if name in self.copies:
+            raise ValueError(f"adapter {name!r} already has a copy of this module")
+        self.copies[name] = copy.deepcopy(self.original)
+
+    def delete_adapter(self, name: str) -> None:
+        del self.copies[name]
+        if self.active == name:
+            self.active = None
+
+    def current(self) -> nn.Module:
+        if self.active is None or self.disabled:
+            return self.original
+        return self.copies[self.active]
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get("original")
+            if original is None:
+                raise
+            return getattr(original, name)
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer))
+
+
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, SavedModule))

@@ -1,0 +1,94 @@
+"""Merging adapters into the base weights. Each merge is named for what it guarantees.
+
+- `merge_(model)`: exact dense merge, W ← W + ΔW for the active adapter (ΔW from
+  `LoraLayer.delta_weight`), computed in float32. The adapter layers are replaced by the
+  original plain layers (`nn.Linear`, `nn.Embedding`, ...), so the model saves and runs like the
+  base model did. `unmerge_` subtracts ΔW again and puts the adapter layers back.
+  Only dense weights take this merge: a quantized base needs the merge for its format, and
+  `merge_` says which, rather than silently re-quantizing.
+- A weight shared with another module (e.g. an input embedding tied to the output head) is
+  merged into a copy, so the other module keeps computing what it computed before.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorakit.inject import adapter_state
+from lorakit.layers import LoraLayer, SavedModule, is_dense, lora_layers, saved_modules
+from lorakit.walk import replace_module
+
+
+def merge_(model: nn.Module) -> list[str]:
+    """Fold the active adapter into the dense base weights; return the names of merged layers.
+
+    Exact up to float32 rounding of W + ΔW. Layers with no active adapter just go back to their
+    base layer. Undo with `unmerge_`.
+    """
+    state = adapter_state(model)
+    if state.merged:
+        raise RuntimeError("adapters are already merged; call lorakit.unmerge_(model) first")
+    layers = list(lora_layers(model))
+    for name, layer in layers:
+        if layer.adapter() is not None and not is_dense(layer.weight):
+            raise ValueError(
+                f"{name} has a quantized base ({type(layer.weight).__name__}); merge_ only merges into dense weights. "
+                "For QLoRA use lorakit.dequantize_and_merge_(model) (merges into a dense model); "
+                "re-quantizing afterwards is a separate lorakit.quantize_ call that reports its error."
+            )
+    shared = _shared_parameter_ids(model)
+    merged = []
+    for name, layer in layers:
+        base = layer.base_layer
+        base.weight, base.bias = layer.weight, layer.bias  # the layer's references are authoritative
+        if layer.adapter() is not None:
+            with torch.no_grad():
+                new = layer.weight.float() + layer.delta_weight()
+                if id(layer.weight) in shared:
+                    base.weight = nn.Parameter(new.to(layer.weight.dtype), requires_grad=False)
+                else:
+                    layer.weight.copy_(new)
+            merged.append(name)
+        replace_module(model, name, base)
+        state.merged[name] = layer
+    for name, wrapper in list(saved_modules(model)):
+        replace_module(model, name, wrapper.current())
+        state.merged[name] = wrapper
+    return merged
+
+
+def unmerge_(model: nn.Module) -> list[str]:
+    """Undo `merge_`: W ← W − ΔW (float32 rounding) and put the adapter layers back."""
+    state = adapter_state(model)
+    if not state.merged:
+        raise RuntimeError("nothing to unmerge: lorakit.merge_(model) has not been called on this model")
+    unmerged = []
+    for name, module in state.merged.items():
+        current = model.get_submodule(name)
+        if isinstance(module, SavedModule):
+            if current is not module.current():
+                raise RuntimeError(f"{name} was replaced after merge_; cannot unmerge it")
+            replace_module(model, name, module)
+            continue
+        layer: LoraLayer = module
+        if current is not layer.base_layer:
+            raise RuntimeError(f"{name} was replaced after merge_; cannot unmerge it")
+        if layer.adapter() is not None:
+            with torch.no_grad():
+                if current.weight is layer.weight:
+                    layer.weight.copy_(layer.weight.float() - layer.delta_weight())
+                current.weight = layer.weight  # a tied weight was merged into a copy: drop the copy
+            unmerged.append(name)
+        replace_module(model, name, layer)
+    state.merged.clear()
+    return unmerged
+
+
+def _shared_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of parameters reachable from more than one module (tied weights)."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    # a LoraLayer registers its base's weight once; its unregistered base_layer is not counted
+    return {i for i, n in seen.items() if n > 1}

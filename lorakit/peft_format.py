@@ -1,0 +1,310 @@
+"""Adapter directories in Hugging Face PEFT's format, both ways.
+
+A directory holds
+    adapter_config.json          PEFT's LoraConfig (PEFT loads it with PeftModel.from_pretrained)
+    adapter_model.safetensors    the adapter tensors under PEFT's keys (table below)
+    lorakit.json                 what PEFT has no field for (base quantization, PiSSA conversion)
+
+Keys are `base_model.model.<module name>` + a suffix:
+
+    lorakit tensor                    PEFT suffix                shape
+    LoraLayer linear/conv  A          .lora_A.weight             (r, in, *k)
+    LoraLayer linear/conv  B          .lora_B.weight             (out, r, *1)
+    LoraLayer embedding    A          .lora_embedding_A          (r, num_embeddings)
+    LoraLayer embedding    B          .lora_embedding_B          (embedding_dim, r)
+    adapted bias (bias="lora_only")   .base_layer.bias           (out,)
+    base weight (PEFT, embeddings)    .base_layer.weight         as the base; read only, copied into it
+    SavedModule copy parameter p      .p  (or .modules_to_save.p) as in the module
+
+PiSSA adapters are written as plain LoRA against the original weight W = W_res + s·B0A0:
+A' = [A; A0] (2r x in), B' = [B, −B0] (out x 2r), alpha scaled so s stays the same.
+Loading is strict: every tensor in the file must land in a module of the right shape, and a
+PEFT feature lorakit does not implement (DoRA, LoRA bias, ...) is an error naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.inject import adapter_state, attach_adapter
+from lorakit.io import read_json, read_safetensors, write_json, write_safetensors
+from lorakit.layers import LoraLayer, SavedModule, lora_layers, saved_modules
+from lorakit.walk import layer_kind
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+LORAKIT_FILE = "lorakit.json"
+PREFIX = "base_model.model."
+
+SUFFIXES = {  # (kind is embedding, tensor) -> PEFT suffix
+    (False, "A"): ".lora_A.weight",
+    (False, "B"): ".lora_B.weight",
+    (True, "A"): ".lora_embedding_A",
+    (True, "B"): ".lora_embedding_B",
+}
+BIAS_SUFFIX = ".base_layer.bias"
+BASE_WEIGHT_SUFFIX = ".base_layer.weight"  # PEFT saves whole embedding weights (save_embedding_layers); loaded into the base
+
+# PEFT LoraConfig fields and what lorakit does with them on load.
+PEFT_FIELDS_MAPPED = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
+                      "exclude_modules": "exclude_modules", "use_rslora": "use_rslora", "modules_to_save": "modules_to_save",
+                      "bias": "bias"}
+PEFT_FIELDS_IGNORED = {  # bookkeeping, or only about how PEFT initialises / wraps: no effect on loaded outputs
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
+    "init_lora_weights", "fan_in_fan_out", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
+    "loftq_config", "eva_config", "corda_config", "megatron_config", "megatron_core", "layer_replication",
+    "qalora_group_size", "ensure_weight_tying", "target_parameters", "lora_ga_config", "arrow_config", "kasa_config",
+    "monteclora_config", "velora_config", "use_bdlora", "alora_invocation_tokens", "trainable_token_indices",
+}
+PEFT_FIELDS_UNSUPPORTED = {  # field -> value that is fine; anything else changes the math and is refused
+    "use_dora": False, "lora_bias": False, "use_qalora": False,
+}
+
+
+def save_adapter(model: nn.Module, directory: str | Path, name: str | None = None) -> Path:
+    """Write adapter `name` (default: the active one) as a PEFT adapter directory; return it."""
+    state = adapter_state(model)
+    if state.merged:
+        raise RuntimeError("adapters are merged into the weights: call lorakit.unmerge_(model) before save_adapter")
+    name = name or state.active
+    if name not in state.configs:
+        raise ValueError(f"no adapter named {name!r} to save; this model has {list(state.configs)}")
+    config = state.configs[name]
+    tensors: dict[str, torch.Tensor] = {}
+    module_names, transposed, pissa = [], False, False
+    for module_name, layer in lora_layers(model):
+        if name not in layer.lora:
+            continue
+        adapter = layer.lora[name]
+        a, b = adapter.A.detach(), adapter.B.detach()
+        if adapter.is_pissa:
+            a, b, pissa = torch.cat([a, adapter.A0]), torch.cat([b, -adapter.B0], dim=1), True
+        emb = layer.kind == "embedding"
+        tensors[PREFIX + module_name + SUFFIXES[emb, "A"]] = a
+        tensors[PREFIX + module_name + SUFFIXES[emb, "B"]] = b
+        if config.bias == "lora_only" and layer.bias is not None:
+            tensors[PREFIX + module_name + BIAS_SUFFIX] = layer.bias.detach()
+        module_names.append(module_name)
+        transposed |= layer.transposed
+    for module_name, wrapper in saved_modules(model):
+        if name in wrapper.copies:
+            for key, value in wrapper.copies[name].state_dict().items():
+                tensors[f"{PREFIX}{module_name}.{key}"] = value
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    r, alpha = (2 * config.r, config.alpha * (math.sqrt(2) if config.use_rslora else 2)) if pissa else (config.r, config.alpha)
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": _target_list(module_names),
+        "exclude_modules": None,
+        "use_rslora": config.use_rslora,
+        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "modules_to_save": config.modules_to_save,
+        "bias": config.bias,
+        "fan_in_fan_out": transposed,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_dora": False,
+        "lora_bias": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": None,
+    }
+    lorakit_meta = {
+        "format_version": 1,
+        "adapter_name": name,
+        "config": config.to_dict(),
+        "pissa_converted_to_lora": pissa,
+        "base_weights": _describe_base(model, module_names),
+    }
+    write_safetensors(directory / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+    write_json(directory / CONFIG_FILE, peft_config)
+    write_json(directory / LORAKIT_FILE, lorakit_meta)
+    return directory
+
+
+def _target_list(module_names: list[str]) -> list[str]:
+    """The shortest PEFT target list that selects exactly these modules: unique last names if unambiguous."""
+    return sorted({n.rsplit(".", 1)[-1] for n in module_names})
+
+
+def _describe_base(model: nn.Module, module_names: list[str]) -> dict:
+    kinds: dict[str, int] = {}
+    settings = {}
+    for module_name in module_names:
+        weight = model.get_submodule(module_name).weight
+        key = "dense" if isinstance(weight, torch.Tensor) else type(weight).__name__
+        kinds[key] = kinds.get(key, 0) + 1
+        describe = getattr(weight, "quant_config", None)
+        if callable(describe):
+            settings[key] = describe()
+    return {"weight_types": kinds, "quantization": settings or None}
+
+
+def read_peft_config(directory: str | Path) -> tuple[LoraConfig, dict]:
+    """Parse adapter_config.json into a LoraConfig (+ the raw dict), refusing what would change the math."""
+    raw = read_json(Path(directory) / CONFIG_FILE, "PEFT adapter config")
+    if not isinstance(raw, dict):
+        raise ValueError(f"{directory}/{CONFIG_FILE} must hold a JSON object, got {type(raw).__name__}")
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{directory} holds a {raw.get('peft_type')!r} adapter; lorakit loads LORA adapters only")
+    for field_name, fine in PEFT_FIELDS_UNSUPPORTED.items():
+        if raw.get(field_name, fine) not in (fine, None):
+            raise ValueError(f"{directory}: {field_name}={raw[field_name]!r} is not supported by lorakit; "
+                             f"re-train or convert the adapter without it")
+    unknown = set(raw) - set(PEFT_FIELDS_MAPPED) - PEFT_FIELDS_IGNORED - set(PEFT_FIELDS_UNSUPPORTED)
+    if unknown:
+        raise ValueError(f"{directory}/{CONFIG_FILE} has fields lorakit does not know: {sorted(unknown)}; "
+                         "they may change how the adapter computes, so it is refused rather than guessed")
+    kwargs = {ours: raw[theirs] for theirs, ours in PEFT_FIELDS_MAPPED.items() if raw.get(theirs) is not None}
+    kwargs.setdefault("target_modules", [])  # recorded only: the tensors say where the adapter goes
+    if kwargs.get("bias") not in (None, "none", "lora_only"):
+        raise ValueError(f"{directory}: bias={kwargs['bias']!r} is not supported (lorakit has 'none' and 'lora_only')")
+    init = raw.get("init_lora_weights", True)
+    kwargs["init"] = "gaussian" if init == "gaussian" else "default"
+    return LoraConfig(**kwargs), raw
+
+
+def load_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> list[str]:
+    """Load a PEFT-format adapter directory into `model` as adapter `name` (made active).
+
+    Works on a plain model or one that already has other adapters. Returns the adapted module
+    names. Every tensor must match a module of this model with the right shape; otherwise nothing
+    is changed and the error names the module.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory not found: {directory}")
+    config, raw = read_peft_config(directory)
+    tensors = read_safetensors(directory / WEIGHTS_FILE, "adapter weights")
+    state = adapter_state(model)
+    if state.merged:
+        raise RuntimeError("the model has merged adapters: call lorakit.unmerge_(model) before loading another")
+    if name in state.configs:
+        raise ValueError(f"adapter {name!r} already exists; load it under another name=...")
+
+    layers, biases, saved, base_weights = _group_tensors(tensors, config)
+    per_module = {}
+    for module_name, ab in layers.items():
+        module = _module(model, module_name, directory)
+        kind = layer_kind(module)
+        if kind is None:
+            raise ValueError(f"{directory}: {module_name} is a {type(module).__name__}, which lorakit cannot adapt")
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{directory}: {module_name} has only lora_{''.join(ab)} in {WEIGHTS_FILE}; the file is incomplete")
+        r = ab["A"].shape[0]
+        alpha = _pattern_value(raw.get("alpha_pattern") or {}, module_name, config.alpha)
+        per_module[module_name] = dataclasses.replace(config, r=r, alpha=alpha, init="default")
+        _check_shapes(module, module_name, ab, r, directory)
+    for module_name, bias in biases.items():
+        module = _module(model, module_name, directory)
+        if module_name not in layers or getattr(module, "bias", None) is None or module.bias.shape != bias.shape:
+            raise ValueError(f"{directory}: bias for {module_name} {tuple(bias.shape)} does not fit the model's layer")
+    for module_name, weight in base_weights.items():
+        module = _module(model, module_name, directory)
+        if not isinstance(getattr(module, "weight", None), torch.Tensor) or module.weight.shape != weight.shape:
+            raise ValueError(f"{directory}: base weight for {module_name} {tuple(weight.shape)} does not fit the model's layer")
+    saved_names = list(saved)
+    for module_name, values in saved.items():
+        module = _module(model, module_name, directory)
+        target = module.original if isinstance(module, SavedModule) else module
+        expected = target.state_dict()
+        for key, value in values.items():
+            if key not in expected or expected[key].shape != value.shape:
+                got = tuple(expected[key].shape) if key in expected else "missing"
+                raise ValueError(f"{directory}: {module_name}.{key} {tuple(value.shape)} does not match the model ({got})")
+    if not layers:
+        raise ValueError(f"{directory}/{WEIGHTS_FILE} holds no LoRA tensors")
+
+    attach_adapter(model, name, config, list(layers), saved_names, per_module)
+    with torch.no_grad():
+        for module_name, ab in layers.items():
+            adapter = model.get_submodule(module_name).lora[name]
+            adapter.A.copy_(ab["A"])
+            adapter.B.copy_(ab["B"])
+        for module_name, bias in biases.items():
+            model.get_submodule(module_name).bias.copy_(bias)
+        for module_name, weight in base_weights.items():
+            model.get_submodule(module_name).weight.copy_(weight)
+        for module_name, values in saved.items():
+            copy = model.get_submodule(module_name).copies[name]
+            copy.load_state_dict({**copy.state_dict(), **values})
+    return list(layers)
+
+
+def _group_tensors(tensors: dict[str, torch.Tensor], config: LoraConfig):
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    biases: dict[str, torch.Tensor] = {}
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    base_weights: dict[str, torch.Tensor] = {}
+    suffix_to_ab = {suffix: ab for (_, ab), suffix in SUFFIXES.items()}
+    saved_patterns = config.modules_to_save or []
+    for key, value in tensors.items():
+        if not key.startswith(PREFIX):
+            raise ValueError(f"unexpected key {key!r} in {WEIGHTS_FILE}: PEFT keys start with {PREFIX!r}")
+        rest = key[len(PREFIX):]
+        for suffix, ab in suffix_to_ab.items():
+            if rest.endswith(suffix):
+                layers.setdefault(rest[: -len(suffix)], {})[ab] = value
+                break
+        else:
+            if rest.endswith(BIAS_SUFFIX):
+                biases[rest[: -len(BIAS_SUFFIX)]] = value
+                continue
+            if rest.endswith(BASE_WEIGHT_SUFFIX):
+                base_weights[rest[: -len(BASE_WEIGHT_SUFFIX)]] = value
+                continue
+            module_name, key_in_module = _split_saved(rest.replace(".modules_to_save.", "."), saved_patterns)
+            if module_name is None:
+                raise ValueError(f"{WEIGHTS_FILE} has tensor {key!r} that lorakit does not know "
+                                 "(DoRA magnitudes, LoRA biases and other PEFT variants are not supported)")
+            saved.setdefault(module_name, {})[key_in_module] = value
+    return layers, biases, saved, base_weights
+
+
+def _split_saved(rest: str, patterns: list[str]) -> tuple[str | None, str]:
+    parts = rest.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        head = ".".join(parts[:i])
+        if any(head == p or head.endswith("." + p) for p in patterns):
+            return head, ".".join(parts[i:])
+    return None, rest
+
+
+def _pattern_value(pattern: dict, module_name: str, default: float) -> float:
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def _module(model: nn.Module, module_name: str, directory: Path) -> nn.Module:
+    try:
+        return model.get_submodule(module_name)
+    except AttributeError:
+        raise ValueError(f"{directory} was saved for another model: it has weights for {module_name!r}, "
+                         "which this model does not have") from None
+
+
+def _check_shapes(module: nn.Module, module_name: str, ab: dict[str, torch.Tensor], r: int, directory: Path) -> None:
+    probe = module if isinstance(module, LoraLayer) else LoraLayer(module)
+    n_in, n_out = probe.in_out
+    kernel = tuple(probe.base_layer.kernel_size) if probe.kind.startswith("conv") else ()
+    expected = {"A": (r, n_in, *kernel), "B": (n_out, r, *(1 for _ in kernel))}
+    for key, shape in expected.items():
+        if tuple(ab[key].shape) != shape:
+            raise ValueError(f"{directory} was saved for another model: lora_{key} of {module_name} has shape "
+                             f"{tuple(ab[key].shape)}, this model's layer needs {shape}")
