@@ -1,6 +1,8 @@
 """lorakit: LoRA, QLoRA and QA-LoRA fine-tuning for PyTorch models, on the hardware you have."""
 
+from lorakit.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
 from lorakit.config import LoraConfig
+from lorakit.hardware import cpu_has_fast_bf16, default_compute_dtype, default_device, resolve_compute_dtype
 from lorakit.inject import (
     ParameterReport,
     active_adapter,
@@ -12,12 +14,32 @@ from lorakit.inject import (
     set_active,
 )
 from lorakit.layers import LoraLayer, SavedModule
-from lorakit.merge import merge_, unmerge_
+from lorakit.losses import causal_lm_loss, chunked_cross_entropy
+from lorakit.memory import PeakMemory, current_rss_bytes, peak_rss_bytes, reset_peak_rss
+from lorakit.merge import dequantize_and_merge_, merge_, unmerge_
 from lorakit.peft_format import load_adapter, save_adapter
+from lorakit.quant import (
+    FP4Weight,
+    Int4Weight,
+    MemoryReport,
+    NF4Config,
+    NF4Weight,
+    QuantizationReport,
+    QuantizedLinear,
+    dequantize_,
+    load_quantized,
+    memory_report,
+    quantize_,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PeakMemory", "causal_lm_loss", "chunked_cross_entropy", "cpu_has_fast_bf16", "current_rss_bytes",
+    "default_compute_dtype", "default_device", "disable_gradient_checkpointing", "enable_gradient_checkpointing",
+    "peak_rss_bytes", "reset_peak_rss", "resolve_compute_dtype",
+    "FP4Weight", "Int4Weight", "MemoryReport", "NF4Config", "NF4Weight", "QuantizationReport", "QuantizedLinear",
+    "dequantize_", "dequantize_and_merge_", "load_quantized", "memory_report", "quantize_",
     "LoraConfig", "LoraLayer", "ParameterReport", "SavedModule", "active_adapter", "adapter_names",
     "delete_adapter", "disable_adapters", "inject_adapters", "load_adapter", "merge_", "parameter_report",
     "save_adapter", "set_active", "unmerge_",

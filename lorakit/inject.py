@@ -33,6 +33,7 @@ class AdapterState:
     configs: dict[str, LoraConfig] = field(default_factory=dict)
     active: str | None = None
     merged: dict[str, nn.Module] = field(default_factory=dict)  # name -> adapter layer taken out by merge_
+    untied: bool = False  # merge_ set config.tie_word_embeddings False; unmerge_ restores it
 
 
 def adapter_state(model: nn.Module) -> AdapterState:

@@ -162,6 +162,22 @@ class LoraLayer(nn.Module):
         if self.active == name:
             self.active = None
 
+    def rebase_(self, base: nn.Module) -> None:
+        """Hold `base` (same shape, e.g. the dense form of a quantized layer) instead of the current base.
+
+        The layer's bias stays authoritative (it may be trained with bias="lora_only").
+        """
+        if layer_kind(base) != self.kind or tuple(base.weight.shape) != tuple(self.weight.shape):
+            raise ValueError(f"cannot rebase a {self.kind} layer of shape {tuple(self.weight.shape)} onto {base}")
+        self._parameters.pop("weight", None)
+        self._modules.pop("weight", None)
+        if isinstance(base.weight, nn.Parameter):
+            self._parameters["weight"] = base.weight  # direct: __getattr__'s fallback would block setattr
+        else:
+            self._modules["weight"] = base.weight
+        base.bias = self.bias
+        object.__setattr__(self, "base_layer", base)
+
     def adapter(self) -> LoraAdapter | None:
         """The active adapter, or None (no adapter active here, or adapters disabled)."""
         if self.active is None or self.disabled:
@@ -237,13 +253,13 @@ class SavedModule(nn.Module):
 
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
-        object.__setattr__(self, "original", original)
         for key, param in original._parameters.items():
             self.register_parameter(key, param)
         for key, buf in original._buffers.items():
             self.register_buffer(key, buf, persistent=key not in original._non_persistent_buffers_set)
         for key, child in original._modules.items():
             self.add_module(key, child)
+        object.__setattr__(self, "original", original)  # after registering: __getattr__ falls back to it
         self.copies = nn.ModuleDict()
         self.active: str | None = None
         self.disabled = False

@@ -1,5 +1,7 @@
 """Merging adapters into the base weights. Each merge is named for what it guarantees.
 
+- `dequantize_and_merge_(model)`: QLoRA's merge: 4-bit base weights become dense float (the values
+  trained against), then the exact dense merge. Never re-quantizes.
 - `merge_(model)`: exact dense merge, W ← W + ΔW for the active adapter (ΔW from
   `LoraLayer.delta_weight`), computed in float32. The adapter layers are replaced by the
   original plain layers (`nn.Linear`, `nn.Embedding`, ...), so the model saves and runs like the
@@ -7,7 +9,8 @@
   Only dense weights take this merge: a quantized base needs the merge for its format, and
   `merge_` says which, rather than silently re-quantizing.
 - A weight shared with another module (e.g. an input embedding tied to the output head) is
-  merged into a copy, so the other module keeps computing what it computed before.
+  merged into a copy, so the other module keeps computing what it computed before; a Hugging Face
+  config then says `tie_word_embeddings=False`, so a saved merged model reloads the same.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def merge_(model: nn.Module) -> list[str]:
                 new = layer.weight.float() + layer.delta_weight()
                 if id(layer.weight) in shared:
                     base.weight = nn.Parameter(new.to(layer.weight.dtype), requires_grad=False)
+                    _untie_in_config(model, state)
                 else:
                     layer.weight.copy_(new)
             merged.append(name)
@@ -56,6 +60,20 @@ def merge_(model: nn.Module) -> list[str]:
         replace_module(model, name, wrapper.current())
         state.merged[name] = wrapper
     return merged
+
+
+def dequantize_and_merge_(model: nn.Module) -> list[str]:
+    """QLoRA's merge: make every quantized base weight dense, then merge exactly (`merge_`).
+
+    The dense weights hold exactly the values the adapter was trained against (the dequantized
+    4-bit codes), so the merged model computes what the trained QLoRA model computed, up to float32
+    rounding of W + ΔW. Nothing is re-quantized: that is a separate, explicit `lorakit.quantize_`
+    call, which reports the error it makes. `unmerge_` afterwards leaves a dense base.
+    """
+    from lorakit.quant.api import dequantize_
+
+    dequantize_(model)
+    return merge_(model)
 
 
 def unmerge_(model: nn.Module) -> list[str]:
@@ -82,7 +100,19 @@ def unmerge_(model: nn.Module) -> list[str]:
             unmerged.append(name)
         replace_module(model, name, layer)
     state.merged.clear()
+    if state.untied:
+        model.config.tie_word_embeddings = True
+        state.untied = False
     return unmerged
+
+
+def _untie_in_config(model: nn.Module, state) -> None:
+    """A merged tied weight is no longer tied: say so in a Hugging Face config, or saving and
+    reloading the model would tie the weights again and change its outputs."""
+    config = getattr(model, "config", None)
+    if getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
+        state.untied = True
 
 
 def _shared_parameter_ids(model: nn.Module) -> set[int]:

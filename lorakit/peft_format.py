@@ -36,7 +36,7 @@ from lorakit.config import LoraConfig
 from lorakit.inject import adapter_state, attach_adapter
 from lorakit.io import read_json, read_safetensors, write_json, write_safetensors
 from lorakit.layers import LoraLayer, SavedModule, lora_layers, saved_modules
-from lorakit.walk import layer_kind
+from lorakit.walk import layer_kind, matches
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -53,6 +53,8 @@ BIAS_SUFFIX = ".base_layer.bias"
 BASE_WEIGHT_SUFFIX = ".base_layer.weight"  # PEFT saves whole embedding weights (save_embedding_layers); loaded into the base
 
 # PEFT LoraConfig fields and what lorakit does with them on load.
+QUANT_SETTINGS = ("quant_type", "bits", "group_size", "block_size", "double_quant", "double_quant_block_size")
+
 PEFT_FIELDS_MAPPED = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
                       "exclude_modules": "exclude_modules", "use_rslora": "use_rslora", "modules_to_save": "modules_to_save",
                       "bias": "bias"}
@@ -108,7 +110,7 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": config.dropout,
-        "target_modules": _target_list(module_names),
+        "target_modules": _target_list(model, module_names),
         "exclude_modules": None,
         "use_rslora": config.use_rslora,
         "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
@@ -136,9 +138,16 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     return directory
 
 
-def _target_list(module_names: list[str]) -> list[str]:
-    """The shortest PEFT target list that selects exactly these modules: unique last names if unambiguous."""
-    return sorted({n.rsplit(".", 1)[-1] for n in module_names})
+def _target_list(model: nn.Module, module_names: list[str]) -> list[str]:
+    """A PEFT target list that selects exactly these modules: their last names if those select
+    nothing else in the model, else the full module names."""
+    short = sorted({n.rsplit(".", 1)[-1] for n in module_names})
+    lora_internals = {f"{n}." for n, _ in lora_layers(model)}
+    selected = {
+        n for n, _ in model.named_modules()
+        if matches(n, short) and not any(n.startswith(prefix) for prefix in lora_internals)
+    }
+    return short if selected == set(module_names) else sorted(module_names)
 
 
 def _describe_base(model: nn.Module, module_names: list[str]) -> dict:
@@ -148,9 +157,8 @@ def _describe_base(model: nn.Module, module_names: list[str]) -> dict:
         weight = model.get_submodule(module_name).weight
         key = "dense" if isinstance(weight, torch.Tensor) else type(weight).__name__
         kinds[key] = kinds.get(key, 0) + 1
-        describe = getattr(weight, "quant_config", None)
-        if callable(describe):
-            settings[key] = describe()
+        if key != "dense":
+            settings[key] = {k: getattr(weight, k) for k in QUANT_SETTINGS if hasattr(weight, k)}
     return {"weight_types": kinds, "quantization": settings or None}
 
 

@@ -3,7 +3,7 @@ import subprocess
 import sys
 
 import lorakit
-from conftest import tiny_llama
+from tiny_models import tiny_llama
 
 
 def run(*args):

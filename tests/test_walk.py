@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_llama
+from tiny_models import tiny_llama
 from lorakit.walk import find_targets, layer_kind, matches
 
 

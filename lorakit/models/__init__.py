@@ -1,0 +1,11 @@
+"""Models lorakit ships with or knows how to fetch from local files."""
+
+from lorakit.models.default import (
+    DEFAULT_MODEL,
+    cache_root,
+    default_gguf_path,
+    default_model_dir,
+    load_causal_lm,
+)
+
+__all__ = ["DEFAULT_MODEL", "cache_root", "default_gguf_path", "default_model_dir", "load_causal_lm"]

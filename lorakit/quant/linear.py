@@ -1,0 +1,86 @@
+"""y = x Wᵀ + b over a dense or a quantized weight, and the frozen quantized linear layer.
+
+For a quantized W (any module with ``dequantize(dtype) -> (out, in)``), autograd keeps only the
+quantized module and rebuilds W in backward instead of saving the dense copy:
+
+    forward:  y  = x Ŵᵀ + b,        Ŵ = weight.dequantize(x.dtype)       x (..., in) -> y (..., out)
+    backward: ∂L/∂x = ∂L/∂y · Ŵ     (Ŵ dequantized again, in grad_out's dtype)
+              ∂L/∂b = Σ over leading dims of ∂L/∂y
+              W is frozen: no ∂L/∂W, so x is not saved either.
+
+LoRA adapters on top get exactly the gradients they would get over the dense Ŵ.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lorakit.quant.blockwise import weight_class
+
+
+def is_quantized_weight(obj: object) -> bool:
+    """A quantized weight: a module of buffers with ``shape`` and ``dequantize(dtype) -> Tensor (out, in)``."""
+    return isinstance(obj, nn.Module) and callable(getattr(obj, "dequantize", None)) and hasattr(obj, "shape")
+
+
+def linear(x: Tensor, weight: Tensor | nn.Module, bias: Tensor | None = None) -> Tensor:
+    """``F.linear`` for a dense weight; for a quantized one, dequantize on the fly in x.dtype."""
+    if isinstance(weight, Tensor):
+        return F.linear(x, weight, bias)
+    if not is_quantized_weight(weight):
+        raise TypeError(f"linear() takes a weight Tensor or a quantized weight module, got {type(weight).__name__}")
+    return _DequantizingLinear.apply(x, weight, bias)
+
+
+class _DequantizingLinear(torch.autograd.Function):
+    """Saves the quantized weight module on ctx (no tensor goes to save_for_backward)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: nn.Module, bias: Tensor | None) -> Tensor:
+        ctx.weight = weight
+        return F.linear(x, weight.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ ctx.weight.dequantize(grad_out.dtype)   # (..., out) @ (out, in)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)   # (out,)
+        return grad_x, None, grad_bias
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer whose weight is a quantized module (state-dict keys ``weight.<buffer>``)."""
+
+    is_quantized_linear = True  # lorakit.walk.layer_kind: a linear layer
+
+    def __init__(self, weight: nn.Module, bias: Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config) -> QuantizedLinear:
+        """Quantize `linear`'s weight as `config` (an `NF4Config`) says; the bias is kept, frozen."""
+        weight = weight_class(config.quant_type).from_float(
+            linear.weight.detach(), config.block_size, config.double_quant, config.double_quant_block_size,
+        )
+        return cls(weight, linear.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+    def to_dense(self) -> nn.Linear:
+        """An nn.Linear holding the dequantized weight in the original dtype; the weight stays frozen."""
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        dense.weight = nn.Parameter(self.weight.dequantize(self.weight.dtype), requires_grad=False)
+        if self.bias is not None:
+            dense.bias = nn.Parameter(self.bias.detach(), requires_grad=self.bias.requires_grad)
+        return dense
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -1,0 +1,116 @@
+"""Training through a quantized weight: the same numbers as over the dequantized dense weight, less memory."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.quant import NF4Config, NF4Weight, QuantizedLinear, linear
+from lorakit.walk import layer_kind
+
+OUT, IN = 48, 80
+
+
+def quantized(dtype=torch.float32):
+    w = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(0)).to(dtype)
+    return NF4Weight.from_float(w)
+
+
+def inputs(*shape, dtype=torch.float32, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).requires_grad_()
+
+
+def test_forward_and_backward_equal_dense_over_the_dequantized_weight():
+    q = quantized()
+    dense = q.dequantize()
+    bias = torch.randn(OUT).requires_grad_()
+    x, x_ref = inputs(2, 5, IN), inputs(2, 5, IN)
+    grad = torch.randn(2, 5, OUT)
+
+    y = linear(x, q, bias)
+    y.backward(grad)
+    grad_bias = bias.grad.clone()
+    bias.grad = None
+    y_ref = F.linear(x_ref, dense, bias)
+    y_ref.backward(grad)
+
+    assert torch.equal(y, y_ref)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1.3e-6, atol=1e-5)   # fp32 rounding
+    torch.testing.assert_close(grad_bias, bias.grad, rtol=1.3e-6, atol=1e-5)
+
+
+def test_lora_gradients_equal_lora_over_the_dequantized_weight():
+    """y = x Ŵᵀ + (α/r) x Aᵀ Bᵀ: the adapter's gradients through the quantized base match the dense base."""
+    q, r, scaling = quantized(), 4, 2.0
+    gen = torch.Generator().manual_seed(2)
+    a0, b0 = torch.randn(r, IN, generator=gen) * 0.1, torch.randn(OUT, r, generator=gen) * 0.1
+    x, grad = inputs(3, IN), torch.randn(3, OUT)
+
+    def adapter_grads(base):
+        a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+        (linear(x, base) + scaling * F.linear(F.linear(x, a), b)).backward(grad)
+        return a.grad, b.grad
+
+    for mine, ref in zip(adapter_grads(q), adapter_grads(q.dequantize())):
+        torch.testing.assert_close(mine, ref, rtol=1.3e-6, atol=1e-5)
+
+
+def test_autograd_saves_no_dequantized_weight():
+    """Record what autograd saves: the dense path saves the (out, in) weight, the quantized one nothing as big."""
+    q = quantized()
+
+    def saved_sizes(weight):
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel())
+            return t
+
+        x = inputs(4, IN)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = linear(x, weight)
+        y.sum().backward()
+        assert x.grad is not None
+        return sizes
+
+    assert OUT * IN in saved_sizes(q.dequantize())     # the control: F.linear keeps the dense weight
+    assert all(size < OUT * IN for size in saved_sizes(q))
+
+
+def test_computes_in_the_input_dtype():
+    q = quantized()
+    x = inputs(2, IN, dtype=torch.bfloat16)
+    y = linear(x, q, torch.zeros(OUT))                 # a float32 bias is cast to x.dtype
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, F.linear(x, q.dequantize(torch.bfloat16), torch.zeros(OUT, dtype=torch.bfloat16)))
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+
+
+def test_dense_weights_and_bad_weights():
+    w, x = torch.randn(OUT, IN), torch.randn(2, IN)
+    assert torch.equal(linear(x, w), F.linear(x, w))
+    with pytest.raises(TypeError, match="got Linear"):
+        linear(x, nn.Linear(IN, OUT))
+
+
+def test_quantized_linear_layer():
+    dense = nn.Linear(IN, OUT)
+    layer = QuantizedLinear.from_linear(dense, NF4Config())
+    assert layer_kind(layer) == "linear" and layer.is_quantized_linear
+    assert (layer.in_features, layer.out_features) == (IN, OUT)
+    assert set(layer.state_dict()) == {"bias", "weight.codes", "weight.absmax_codes", "weight.nested_absmax",
+                                       "weight.nested_offset"}
+    assert not layer.bias.requires_grad and list(layer.parameters()) == [layer.bias]
+    x = torch.randn(3, IN)
+    assert torch.equal(layer(x), F.linear(x, layer.weight.dequantize(), dense.bias))
+    assert "in_features=80, out_features=48, bias=True" in repr(layer) and "NF4Weight" in repr(layer)
+
+
+def test_to_dense_is_a_frozen_linear_with_the_dequantized_weight():
+    layer = QuantizedLinear.from_linear(nn.Linear(IN, OUT, dtype=torch.bfloat16), NF4Config(quant_type="int4"))
+    dense = layer.to_dense()
+    assert type(dense) is nn.Linear and dense.weight.dtype == torch.bfloat16
+    assert torch.equal(dense.weight, layer.weight.dequantize(torch.bfloat16))
+    assert torch.equal(dense.bias, layer.bias)
+    assert not dense.weight.requires_grad
