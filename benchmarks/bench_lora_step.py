@@ -1,6 +1,8 @@
 """One LoRA training step (forward + backward + AdamW) on CPU: lorakit vs Hugging Face PEFT.
 
-Both sides adapt the same randomly initialised LlamaForCausalLM (a SmolLM-135M-shaped config,
+Three sides: lorakit and PEFT with the same Hugging Face loss (the adapter layers alone), and
+lorakit's own step, which computes the loss with `lorakit.causal_lm_loss` (fused chunked
+cross-entropy). All adapt the same randomly initialised LlamaForCausalLM (a SmolLM-135M-shaped config,
 fewer layers by default) with the same LoRA config (r=16, alpha=32, all-linear, fp32). Steps are
 interleaved, alternating which side goes first, so machine noise hits both; we report the median
 of the timed steps, in wall time and in this process's CPU time. On a shared machine other
@@ -68,8 +70,8 @@ def peft_model(base: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Modu
 class Trainer:
     """One side of the comparison: a model, its AdamW over the trainable parameters, one batch."""
 
-    def __init__(self, name: str, model: torch.nn.Module, batch: torch.Tensor):
-        self.name, self.model, self.batch = name, model.train(), batch
+    def __init__(self, name: str, model: torch.nn.Module, batch: torch.Tensor, fused_loss: bool = False):
+        self.name, self.model, self.batch, self.fused_loss = name, model.train(), batch, fused_loss
         params = [p for p in model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in params)
         self.opt = torch.optim.AdamW(params, lr=1e-4)
@@ -79,7 +81,12 @@ class Trainer:
 
     def step(self, timed: bool) -> None:
         start, start_cpu = time.perf_counter(), time.process_time()
-        loss = self.model(input_ids=self.batch, labels=self.batch).loss
+        if self.fused_loss:  # lorakit's training step: chunked cross-entropy, no (tokens x vocab) logits
+            import lorakit
+
+            loss = lorakit.causal_lm_loss(self.model, self.batch, self.batch)
+        else:
+            loss = self.model(input_ids=self.batch, labels=self.batch, use_cache=False).loss
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -95,9 +102,10 @@ def main() -> None:
     base = build_base(args)
     g = torch.Generator().manual_seed(args.seed + 1)
     batch = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), generator=g)  # (B, T)
-    sides = [Trainer("lorakit", lorakit_model(base, args), batch), Trainer("peft", peft_model(base, args), batch)]
+    sides = [Trainer("lorakit", lorakit_model(base, args), batch), Trainer("peft", peft_model(base, args), batch),
+             Trainer("lorakit+ce", lorakit_model(base, args), batch, fused_loss=True)]
     del base
-    lk, pf = sides
+    lk, pf, lkce = sides
     if lk.trainable != pf.trainable:
         raise SystemExit(f"not the same adapter: lorakit trains {lk.trainable:,} parameters, peft {pf.trainable:,}")
 
@@ -113,6 +121,7 @@ def main() -> None:
     med_cpu = {s.name: statistics.median(s.cpu_ms) for s in sides}
     ratio = med["peft"] / med["lorakit"]
     ratio_cpu = med_cpu["peft"] / med_cpu["lorakit"]
+    ratio_step = med["peft"] / med["lorakit+ce"]
     tokens = args.batch * args.seq
     print(f"LoRA step, LlamaForCausalLM hidden 576, {args.layers} layers, vocab 49152, batch {args.batch} x {args.seq}, "
           f"r={args.r}, alpha={args.alpha:g}, all-linear, fp32, {torch.get_num_threads()} threads, "
@@ -123,11 +132,14 @@ def main() -> None:
               f"{tokens / med[s.name] * 1e3:10.0f} {s.trainable:12,} {s.losses[-1]:10.4f}")
     print(f"ratio peft/lorakit = {ratio:.3f} wall, {ratio_cpu:.3f} cpu "
           f"(>= 1.0: lorakit not slower; wall {'ok' if ratio >= 1.0 else 'slower'}, cpu {'ok' if ratio_cpu >= 1.0 else 'slower'})")
+    print(f"ratio peft/lorakit+ce = {ratio_step:.3f} wall (lorakit's own step: adapters + fused chunked cross-entropy)")
     print(json.dumps({
         "bench": "lora_step", "lorakit_ms": round(med["lorakit"], 2), "peft_ms": round(med["peft"], 2),
         "ratio_peft_over_lorakit": round(ratio, 4),
         "lorakit_cpu_ms": round(med_cpu["lorakit"], 2), "peft_cpu_ms": round(med_cpu["peft"], 2),
         "ratio_cpu_peft_over_lorakit": round(ratio_cpu, 4),
+        "lorakit_ce_ms": round(med["lorakit+ce"], 2), "ratio_peft_over_lorakit_ce": round(ratio_step, 4),
+        "lorakit_ce_last_loss": lkce.losses[-1], "lorakit_ce_first_loss_diff": abs(lkce.losses[0] - pf.losses[0]),
         "lorakit_times_ms": [round(t, 2) for t in lk.times_ms], "peft_times_ms": [round(t, 2) for t in pf.times_ms],
         "trainable_params": lk.trainable, "first_loss_diff": first_loss_diff,
         "config": {"layers": args.layers, "seq": args.seq, "batch": args.batch, "r": args.r, "alpha": args.alpha,

@@ -2,7 +2,7 @@
 
 from lorakit.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
 from lorakit.config import LoraConfig
-from lorakit.hardware import cpu_has_fast_bf16, default_compute_dtype, default_device, resolve_compute_dtype
+from lorakit.hardware import cast_base_, cpu_has_fast_bf16, default_compute_dtype, default_device, resolve_compute_dtype
 from lorakit.inject import (
     ParameterReport,
     active_adapter,
@@ -14,6 +14,7 @@ from lorakit.inject import (
     set_active,
 )
 from lorakit.layers import LoraLayer, SavedModule
+from lorakit.kernels import fuse_for_training_, unfuse_
 from lorakit.losses import causal_lm_loss, chunked_cross_entropy
 from lorakit.memory import PeakMemory, current_rss_bytes, peak_rss_bytes, reset_peak_rss
 from lorakit.merge import dequantize_and_merge_, merge_, unmerge_
@@ -35,9 +36,9 @@ from lorakit.quant import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "PeakMemory", "causal_lm_loss", "chunked_cross_entropy", "cpu_has_fast_bf16", "current_rss_bytes",
+    "PeakMemory", "cast_base_", "causal_lm_loss", "chunked_cross_entropy", "cpu_has_fast_bf16", "current_rss_bytes",
     "default_compute_dtype", "default_device", "disable_gradient_checkpointing", "enable_gradient_checkpointing",
-    "peak_rss_bytes", "reset_peak_rss", "resolve_compute_dtype",
+    "peak_rss_bytes", "reset_peak_rss", "resolve_compute_dtype", "fuse_for_training_", "unfuse_",
     "FP4Weight", "Int4Weight", "MemoryReport", "NF4Config", "NF4Weight", "QuantizationReport", "QuantizedLinear",
     "dequantize_", "dequantize_and_merge_", "load_quantized", "memory_report", "quantize_",
     "LoraConfig", "LoraLayer", "ParameterReport", "SavedModule", "active_adapter", "adapter_names",

@@ -122,3 +122,21 @@ def resolve_compute_dtype(
     raise ValueError(
         f"unknown compute dtype {value!r}; use 'auto' or one of {', '.join(map(repr, _DTYPE_NAMES))}"
     )
+
+
+def cast_base_(model: torch.nn.Module, dtype: str | torch.dtype | None = "auto",
+               device: torch.device | str | None = None) -> torch.dtype:
+    """Put the frozen base in the compute dtype; trainable parameters stay float32; return the dtype.
+
+    Frozen floating-point parameters and buffers are cast ("auto" = `default_compute_dtype`); a
+    quantized weight keeps its codes and only dequantizes to the new dtype. Parameters that train
+    (adapters, modules_to_save) keep float32 master values: the adapter layers cast them to the
+    input's dtype in forward, so the optimizer updates float32 numbers.
+    """
+    target = resolve_compute_dtype(dtype, device)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    model.to(target)
+    for p in model.parameters():
+        if id(p) in trainable and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return target

@@ -106,13 +106,7 @@ class LoraLayer(nn.Module):
         return base.in_features, base.out_features
 
     def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self.__dict__.get("base_layer")
-            if base is None:
-                raise
-            return getattr(base, name)  # in_features, stride, padding_idx, ... as before injection
+        return _getattr_or_fallback(self, name, "base_layer")  # in_features, stride, padding_idx, ...
 
     # -- adapters -----------------------------------------------------------------------------
     def add_adapter(self, name: str, config: LoraConfig) -> None:
@@ -234,6 +228,13 @@ class LoraLayer(nn.Module):
         if self.disabled:
             # PiSSA moved s·B0A0 out of W: add it back so "disabled" means the original model.
             return out + self.adapter_forward(adapter, x, initial=True) if adapter.is_pissa else out
+        if self.kind == "linear" and out.is_contiguous() and out.dtype == x.dtype:
+            # out += (s · A drop(x)) Bᵀ as one GEMM into the base output: no (..., out) temporary and
+            # no separate add pass. Safe in place: a frozen-weight linear saves x, not its output.
+            a, b = adapter.A.to(x.dtype), adapter.B.to(x.dtype)
+            h = F.linear(adapter.dropout(x), a) * adapter.scaling  # (..., r)
+            flat = out.view(-1, out.shape[-1])  # (N, out)
+            return flat.addmm_(h.reshape(-1, h.shape[-1]), b.t()).view(out.shape)
         return out + self.adapter_forward(adapter, x)
 
     def extra_repr(self) -> str:
@@ -280,16 +281,21 @@ class SavedModule(nn.Module):
         return self.copies[self.active]
 
     def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            original = self.__dict__.get("original")
-            if original is None:
-                raise
-            return getattr(original, name)
+        return _getattr_or_fallback(self, name, "original")
 
     def forward(self, *args, **kwargs):
         return self.current()(*args, **kwargs)
+
+
+def _getattr_or_fallback(module: nn.Module, name: str, fallback: str):
+    """nn.Module's attribute lookup, then the wrapped module's (unregistered, in __dict__[fallback])."""
+    try:
+        return nn.Module.__getattr__(module, name)
+    except AttributeError:
+        wrapped = module.__dict__.get(fallback)
+        if wrapped is None:
+            raise
+        return getattr(wrapped, name)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:

@@ -123,3 +123,21 @@ def test_tiny_llama_trains_with_qlora():
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.8, losses  # ln(128) = 4.85 at the start: a real drop, not noise
     assert all(isinstance(m.weight, lorakit.NF4Weight) for m in model.modules() if isinstance(m, lorakit.LoraLayer))
+
+
+def test_cast_base_keeps_trainable_float32_and_codes():
+    model = tiny_llama()
+    lorakit.quantize_(model, lorakit.NF4Config())
+    lorakit.inject_adapters(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    codes = model.model.layers[0].self_attn.q_proj.weight.codes.clone()
+    assert lorakit.cast_base_(model, "bf16") == torch.bfloat16
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight.codes, codes)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    x = batch()
+    out = model(x, labels=x)
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    with pytest.raises(ValueError):
+        lorakit.cast_base_(model, "float8")

@@ -1,0 +1,135 @@
+"""SwiGLU feeding a (LoRA-adapted) down projection, keeping two activations instead of four.
+
+A Llama-family MLP computes, after its gate and up projections g, u (N, f):
+
+    m = silu(g) ⊙ u                                   (N, f)
+    y = m Wᵀ + b + s · (m Aᵀ) Bᵀ                       W (d, f), A (r, f), B (d, r); y (N, d)
+
+Autograd over that saves g (for silu), silu(g) and u (for ⊙), and m (for dL/dA): four (N, f)
+tensors per layer, the largest activations of the model. `swiglu_down` saves g, u and the small
+h = s · m Aᵀ (N, r), and rebuilds silu(g) and m in backward: two elementwise passes instead of two
+stored (N, f) tensors, and no extra matmul. W may be dense or quantized (dequantized on the fly,
+never saved).
+
+Backward, with gy = dL/dy (N, d), σ = sigmoid(g), silu(g) = g σ, silu'(g) = σ (1 + g (1 − σ)):
+
+    gh    = gy B                   (N, r)      dL/dB = gyᵀ h               (d, r)
+    gm    = gy W + s · gh A        (N, f)      dL/dA = s · ghᵀ m           (r, f)
+    dL/dg = gm ⊙ u ⊙ silu'(g)                 dL/du = gm ⊙ silu(g)
+    dL/db = Σ_N gy                 (only if the bias trains)
+
+`swiglu_down_reference` is the plain-autograd version it must match.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lorakit.kernels.patching import patch_forward, unpatch_forward
+
+
+def _dense(weight, dtype: torch.dtype) -> Tensor:
+    return weight.to(dtype) if isinstance(weight, Tensor) else weight.dequantize(dtype)
+
+
+def swiglu_down_reference(g: Tensor, u: Tensor, weight, bias: Tensor | None,
+                          a: Tensor | None, b: Tensor | None, scaling: float) -> Tensor:
+    m = F.silu(g) * u
+    y = F.linear(m, _dense(weight, m.dtype), None if bias is None else bias.to(m.dtype))
+    if a is not None:
+        y = y + F.linear(F.linear(m, a.to(m.dtype)) * scaling, b.to(m.dtype))
+    return y
+
+
+class _SwiGLUDown(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g, u, weight, bias, a, b, scaling):
+        m = F.silu(g) * u  # (N, f), freed after forward
+        y = F.linear(m, _dense(weight, m.dtype), None if bias is None else bias.to(m.dtype))  # (N, d)
+        h = None
+        if a is not None:
+            h = F.linear(m, a.to(m.dtype)) * scaling  # (N, r)
+            y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.to(m.dtype).t())
+        ctx.weight = weight  # a frozen Parameter or a quantized module: a reference, not a copy
+        ctx.scaling = scaling
+        ctx.save_for_backward(g, u, bias, a, b, h)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        g, u, bias, a, b, h = ctx.saved_tensors
+        dtype = gy.dtype
+        gm = gy @ _dense(ctx.weight, dtype)  # (N, f)
+        grad_a = grad_b = grad_bias = None
+        if a is not None:
+            gh = gy @ b.to(dtype)  # (N, r)
+            gm.view(-1, gm.shape[-1]).addmm_(gh.reshape(-1, gh.shape[-1]), a.to(dtype), alpha=ctx.scaling)
+            sig = torch.sigmoid(g)
+            silu = g * sig
+            if ctx.needs_input_grad[4]:
+                m = silu * u  # rebuilt, (N, f)
+                grad_a = (ctx.scaling * gh.reshape(-1, gh.shape[-1]).t() @ m.reshape(-1, m.shape[-1])).to(a.dtype)
+                del m
+            if ctx.needs_input_grad[5]:
+                grad_b = (gy.reshape(-1, gy.shape[-1]).t() @ h.reshape(-1, h.shape[-1])).to(b.dtype)
+        else:
+            sig = torch.sigmoid(g)
+            silu = g * sig
+        if ctx.needs_input_grad[3]:
+            grad_bias = gy.reshape(-1, gy.shape[-1]).sum(0).to(bias.dtype)
+        grad_u = gm * silu if ctx.needs_input_grad[1] else None
+        grad_g = None
+        if ctx.needs_input_grad[0]:
+            # silu'(g) = σ (1 + g (1 − σ)), built in place on sig
+            grad_g = gm.mul_(u).mul_(sig.mul_(1 + g * (1 - sig)))
+        return grad_g, grad_u, None, grad_bias, grad_a, grad_b, None
+
+
+def swiglu_down(g: Tensor, u: Tensor, weight, bias: Tensor | None = None,
+                a: Tensor | None = None, b: Tensor | None = None, scaling: float = 1.0) -> Tensor:
+    """y = silu(g)·u Wᵀ + b [+ s·(silu(g)·u Aᵀ) Bᵀ], saving g, u (and the (N, r) h) only.
+
+    g, u (..., f); weight (d, f) frozen Tensor or quantized module; a (r, f), b (d, r) or None.
+    """
+    if isinstance(weight, Tensor) and weight.requires_grad:
+        raise ValueError("swiglu_down needs a frozen down-projection weight (it computes no weight gradient)")
+    return _SwiGLUDown.apply(g, u, weight, bias, a, b, scaling)
+
+
+def _is_silu(act: nn.Module) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU")
+
+
+def _fused_mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
+    g, u = mlp.gate_proj(x), mlp.up_proj(x)
+    down = mlp.down_proj
+    weight = down.weight
+    if isinstance(weight, Tensor) and weight.requires_grad:
+        return down(F.silu(g) * u)  # a trainable base weight needs the plain path
+    if getattr(down, "is_lora_layer", False):
+        if down.transposed or (down.active is not None and (down.disabled or not isinstance(down.lora[down.active].dropout, nn.Identity))):
+            return down(F.silu(g) * u)  # dropout / PiSSA-disabled paths: keep the layer's own forward
+        adapter = down.adapter()
+        if adapter is not None:
+            return swiglu_down(g, u, weight, down.bias, adapter.A, adapter.B, adapter.scaling)
+    return swiglu_down(g, u, weight, down.bias)
+
+
+def fuse_swiglu_(model: nn.Module) -> int:
+    """Make every Llama-style MLP (gate_proj, up_proj, down_proj, SiLU) use `swiglu_down`; return how many.
+
+    In place, on the instances (state-dict keys are unchanged); undo with `unfuse_swiglu_`.
+    Outputs and gradients equal the unfused model's up to float rounding.
+    """
+    count = 0
+    for module in model.modules():
+        if all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")) and _is_silu(module.act_fn):
+            patch_forward(module, _fused_mlp_forward)
+            count += 1
+    return count
+
+
+def unfuse_swiglu_(model: nn.Module) -> int:
+    return unpatch_forward(model, _fused_mlp_forward)

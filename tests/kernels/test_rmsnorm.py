@@ -1,0 +1,65 @@
+"""rmsnorm against its reference, the zero-weight fallback, and fuse_rmsnorm_ on a tiny Llama.
+Tolerance: fp32 rounding (x̂ is recovered as y / w, one extra rounding)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from lorakit.kernels import fuse_for_training_, fuse_rmsnorm_, rmsnorm, rmsnorm_reference, unfuse_
+from tiny_models import randomise_trainable_, tiny_llama
+
+
+@pytest.mark.parametrize("zero_weight", [False, True])
+def test_matches_reference(zero_weight):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 32, generator=g, requires_grad=True)
+    w = torch.rand(32, generator=g) + 0.5
+    if zero_weight:
+        w[3] = 0.0  # x̂ cannot be recovered from y there: the op must keep x instead
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = rmsnorm(x, w, 1e-6), rmsnorm_reference(x_ref, w, 1e-6)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    y_ref.backward(gy)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(x.grad).all()
+
+
+def test_refuses_trainable_weight():
+    with pytest.raises(ValueError, match="frozen"):
+        rmsnorm(torch.randn(2, 4), nn.Parameter(torch.ones(4)), 1e-6)
+
+
+def test_leaves_other_norm_formulas_alone():
+    class GemmaLikeRMSNorm(nn.Module):  # (1 + w) scaling: must not be swapped
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(8), requires_grad=False)
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            return (1 + self.weight) * rmsnorm_reference(x, torch.ones(8), self.variance_epsilon)
+
+    assert fuse_rmsnorm_(nn.Sequential(GemmaLikeRMSNorm())) == 0
+
+
+def test_fused_llama_equals_unfused_and_keeps_no_norm_inputs():
+    model = tiny_llama()
+    lorakit.inject_adapters(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    randomise_trainable_(model, seed=4)
+    fused = copy.deepcopy(model)
+    assert fuse_for_training_(fused) == {"rmsnorm": 5, "swiglu": 2}  # 2 per layer + final norm
+    x = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    out, out_f = model(x, labels=x), fused(x, labels=x)
+    torch.testing.assert_close(out_f.logits, out.logits, rtol=1e-5, atol=1e-5)
+    out.loss.backward()
+    out_f.loss.backward()
+    grads = dict(model.named_parameters())
+    for n, p in fused.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-4, atol=1e-6, msg=n)
+    assert unfuse_(fused) == {"rmsnorm": 5, "swiglu": 2}

@@ -1,0 +1,90 @@
+"""swiglu_down against its plain-autograd reference, and fuse_swiglu_ on whole models.
+Tolerance: fp32 rounding (rtol 1e-5 / atol 1e-6; sums are reordered)."""
+
+import copy
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.kernels import fuse_swiglu_, swiglu_down, swiglu_down_reference, unfuse_swiglu_
+from tiny_models import randomise_trainable_, tiny_llama
+
+
+def _inputs(seed=0, n=(2, 5), f=24, d=16, r=4, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    t = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return (t(*n, f).requires_grad_(), t(*n, f).requires_grad_(), t(d, f) * 0.2,
+            (t(d) * 0.1).requires_grad_() if bias else None,
+            (t(r, f) * 0.2).requires_grad_(), (t(d, r) * 0.2).requires_grad_())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("adapter", [True, False])
+def test_matches_reference_values_and_gradients(bias, adapter):
+    g, u, w, b0, a, b = _inputs(bias=bias)
+    if not adapter:
+        a = b = None
+    args = [g, u, w, b0, a, b, 0.7]
+    ref_args = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t for t in args]
+    y, y_ref = swiglu_down(*args), swiglu_down_reference(*ref_args)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    y_ref.backward(gy)
+    for t, t_ref in zip(args, ref_args):
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            torch.testing.assert_close(t.grad, t_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_quantized_weight_matches_its_dequantized_reference():
+    g, u, w, b0, a, b = _inputs(f=64, d=32)
+    qw = lorakit.NF4Weight.from_float(w)
+    y = swiglu_down(g, u, qw, b0, a, b, 2.0)
+    y_ref = swiglu_down_reference(g, u, qw.dequantize(), b0, a, b, 2.0)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_refuses_trainable_weight():
+    g, u, w, *_ = _inputs()
+    with pytest.raises(ValueError, match="frozen"):
+        swiglu_down(g, u, w.requires_grad_())
+
+
+def _saved_bytes(model, x):
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, labels=x).loss.backward()
+    return total
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_fused_llama_equals_unfused_and_saves_less(quantized):
+    model = tiny_llama()
+    if quantized:
+        lorakit.quantize_(model, lorakit.NF4Config())
+    lorakit.inject_adapters(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    randomise_trainable_(model, seed=2)
+    fused = copy.deepcopy(model)
+    assert fuse_swiglu_(fused) == 2
+    x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    out, out_f = model(x, labels=x), fused(x, labels=x)
+    torch.testing.assert_close(out_f.logits, out.logits, rtol=1e-5, atol=1e-5)
+    out.loss.backward()
+    out_f.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for n, p in fused.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    for m in (model, fused):
+        m.zero_grad()
+    # two (N, f) tensors per MLP fewer: 2 layers x 2 x (32 tokens x 128 x 4 bytes)
+    assert _saved_bytes(model, x) - _saved_bytes(fused, x) >= 2 * 2 * 32 * 128 * 4
+    assert unfuse_swiglu_(fused) == 2
+    torch.testing.assert_close(fused(x).logits, model(x).logits)
