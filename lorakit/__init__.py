@@ -20,6 +20,8 @@ from lorakit.memory import PeakMemory, current_rss_bytes, peak_rss_bytes, reset_
 from lorakit.merge import dequantize_and_merge_, merge_, unmerge_
 from lorakit.peft_format import load_adapter, save_adapter
 from lorakit.quant import (
+    IntNConfig,
+    IntNWeight,
     FP4Weight,
     Int4Weight,
     MemoryReport,
@@ -39,7 +41,7 @@ __all__ = [
     "PeakMemory", "cast_base_", "causal_lm_loss", "chunked_cross_entropy", "cpu_has_fast_bf16", "current_rss_bytes",
     "default_compute_dtype", "default_device", "disable_gradient_checkpointing", "enable_gradient_checkpointing",
     "peak_rss_bytes", "reset_peak_rss", "resolve_compute_dtype", "fuse_for_training_", "unfuse_",
-    "FP4Weight", "Int4Weight", "MemoryReport", "NF4Config", "NF4Weight", "QuantizationReport", "QuantizedLinear",
+    "FP4Weight", "Int4Weight", "IntNConfig", "IntNWeight", "MemoryReport", "NF4Config", "NF4Weight", "QuantizationReport", "QuantizedLinear",
     "dequantize_", "dequantize_and_merge_", "load_quantized", "memory_report", "quantize_",
     "LoraConfig", "LoraLayer", "ParameterReport", "SavedModule", "active_adapter", "adapter_names",
     "delete_adapter", "disable_adapters", "inject_adapters", "load_adapter", "merge_", "parameter_report",

@@ -39,6 +39,11 @@ class LoraConfig:
             "pissa" (A, B from the top-r SVD of W; W is replaced by the residual).
         modules_to_save: modules trained in full alongside the adapter (e.g. a classifier head).
         bias: "none", or "lora_only" to also train the biases of the adapted layers.
+        group_size: QA-LoRA (Xu et al., 2023): the adapter sees its input averaged over groups of
+            this many consecutive input columns (AvgPool1d), so A is (r x in/group_size) and
+            ΔW = s·B·A·P (P averages each group) is constant inside each group. On a group-wise
+            INT-N base with groups dividing this, `merge_` moves only the zeros and the merged
+            model stays INT-N exactly. None: plain LoRA.
     """
 
     r: int = 8
@@ -50,6 +55,7 @@ class LoraConfig:
     init: str = "default"
     modules_to_save: list[str] | None = None
     bias: str = "none"
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_int("r", self.r, minimum=1, hint="a typical rank is 8, 16 or 64")
@@ -65,6 +71,10 @@ class LoraConfig:
             self.modules_to_save = _patterns("modules_to_save", self.modules_to_save, allow_none=True, allow_str=False)
         _check_choice("init", self.init, INITS)
         _check_choice("bias", self.bias, BIASES)
+        if self.group_size is not None:
+            _check_int("group_size", self.group_size, minimum=1, hint="QA-LoRA uses 32, 64 or 128; None for plain LoRA")
+            if self.init == "pissa":
+                raise ValueError("init='pissa' cannot be combined with group_size (QA-LoRA); use init='default'")
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"use_rslora={self.use_rslora!r} must be true or false")
 

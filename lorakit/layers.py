@@ -9,6 +9,7 @@ For an adapter with rank r, scaling s and input dropout:
 
     kind        base weight W         A                 B                forward
     linear      (out, in)             (r, in)           (out, r)         W x + b + s · B A drop(x)
+    QA-LoRA     (out, in)             (r, in/g)         (out, r)         W x + b + s · B A pool_g(drop(x))
     Conv1D      (in, out) (GPT-2)     (r, in)           (out, r)         x W + b + s · B A drop(x)
     embedding   (num, dim)            (r, num)          (dim, r)         W[ids] + s · B (Aᵀ[ids])
     convNd      (out, in, *k)         (r, in, *k)       (out, r, 1...)   conv(x, W) + s · B ⊛ conv(drop(x), A)
@@ -56,20 +57,28 @@ class LoraAdapter(nn.Module):
             LoRA against the original (un-residualised) weight: s·(BA − B0A0) + s·B0A0.
     """
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float) -> None:
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float, group_size: int | None = None) -> None:
         super().__init__()
         self.A = nn.Parameter(a)
         self.B = nn.Parameter(b)
         self.r = a.shape[0]
         self.scaling = scaling
+        self.group_size = group_size  # QA-LoRA: A sees the input averaged over groups of this size
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @property
     def is_pissa(self) -> bool:
         return hasattr(self, "A0")
 
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """QA-LoRA's input: (..., in) -> (..., in/g), the mean of each group (identity for plain LoRA)."""
+        if self.group_size is None:
+            return x
+        return x.unflatten(-1, (-1, self.group_size)).mean(-1)
+
     def extra_repr(self) -> str:
-        return f"r={self.r}, scaling={self.scaling:g}" + (", pissa" if self.is_pissa else "")
+        extra = (", pissa" if self.is_pissa else "") + (f", group_size={self.group_size}" if self.group_size else "")
+        return f"r={self.r}, scaling={self.scaling:g}" + extra
 
 
 class LoraLayer(nn.Module):
@@ -115,6 +124,14 @@ class LoraLayer(nn.Module):
         n_in, n_out = self.in_out
         r = config.r
         kernel = tuple(self.base_layer.kernel_size) if self.kind.startswith("conv") else ()
+        if config.group_size is not None:
+            if self.kind != "linear" or self.transposed:
+                raise ValueError(f"group_size (QA-LoRA) applies to linear layers only, not to a {type(self.base_layer).__name__}; "
+                                 "exclude it with exclude_modules")
+            from lorakit.quant.intn import check_group_size
+
+            check_group_size(config.group_size, n_in, "this layer")
+            n_in //= config.group_size  # A: (r, in/g)
         device = self.weight.device
         dtype = torch.float64 if is_dense(self.weight) and self.weight.dtype == torch.float64 else torch.float32
         a = torch.empty((r, n_in, *kernel), device=device, dtype=dtype)
@@ -126,7 +143,7 @@ class LoraLayer(nn.Module):
             nn.init.normal_(a, std=1.0 / r)
         else:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        adapter = LoraAdapter(a, b, config.scaling, 0.0 if self.kind == "embedding" else config.dropout)
+        adapter = LoraAdapter(a, b, config.scaling, 0.0 if self.kind == "embedding" else config.dropout, config.group_size)
         if config.init == "pissa":
             self._init_pissa(adapter)
         self.lora[name] = adapter
@@ -188,6 +205,8 @@ class LoraLayer(nn.Module):
         a, b = (adapter.A0, adapter.B0) if initial else (adapter.A, adapter.B)
         r = adapter.r
         delta = adapter.scaling * (b.reshape(b.shape[0], r).float() @ a.reshape(r, -1).float())  # (out, in·k)
+        if adapter.group_size is not None:  # QA-LoRA: ΔW = s·B·A·P, each pooled column spread over its group / g
+            delta = delta.repeat_interleave(adapter.group_size, dim=1) / adapter.group_size  # (out, in)
         if self.kind == "embedding":
             return delta.T  # (num, dim)
         if self.kind.startswith("conv"):
@@ -216,7 +235,7 @@ class LoraLayer(nn.Module):
         a, b = a.to(dtype), b.to(dtype)
         x = adapter.dropout(x)
         if self.kind == "linear":
-            return F.linear(F.linear(x, a) * s, b)  # (..., r) -> (..., out)
+            return F.linear(F.linear(adapter.pool(x), a) * s, b)  # (..., in[/g]) -> (..., r) -> (..., out)
         h = self.base_layer._conv_forward(x, a, None) * s  # (N, r, *spatial)
         return (F.conv1d if self.kind == "conv1d" else F.conv2d)(h, b)
 
@@ -232,7 +251,7 @@ class LoraLayer(nn.Module):
             # out += (s · A drop(x)) Bᵀ as one GEMM into the base output: no (..., out) temporary and
             # no separate add pass. Safe in place: a frozen-weight linear saves x, not its output.
             a, b = adapter.A.to(x.dtype), adapter.B.to(x.dtype)
-            h = F.linear(adapter.dropout(x), a) * adapter.scaling  # (..., r)
+            h = F.linear(adapter.pool(adapter.dropout(x)), a) * adapter.scaling  # (..., r)
             flat = out.view(-1, out.shape[-1])  # (N, out)
             return flat.addmm_(h.reshape(-1, h.shape[-1]), b.t()).view(out.shape)
         return out + self.adapter_forward(adapter, x)

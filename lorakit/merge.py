@@ -3,11 +3,13 @@
 - `dequantize_and_merge_(model)`: QLoRA's merge: 4-bit base weights become dense float (the values
   trained against), then the exact dense merge. Never re-quantizes.
 - `merge_(model)`: exact dense merge, W ← W + ΔW for the active adapter (ΔW from
-  `LoraLayer.delta_weight`), computed in float32. The adapter layers are replaced by the
+  `LoraLayer.delta_weight`), computed in float32. On a group-wise INT-N base with a QA-LoRA
+  adapter (adapter group_size a multiple of the weight's), ΔW is constant inside each group and
+  the merge only moves the zeros: zero ← zero − ΔW / scale. The merged model is still INT-N with
+  the same codes and scales, exactly. The adapter layers are replaced by the
   original plain layers (`nn.Linear`, `nn.Embedding`, ...), so the model saves and runs like the
   base model did. `unmerge_` subtracts ΔW again and puts the adapter layers back.
-  Only dense weights take this merge: a quantized base needs the merge for its format, and
-  `merge_` says which, rather than silently re-quantizing.
+  Any other quantized base is refused with the merge that fits it, never silently re-quantized.
 - A weight shared with another module (e.g. an input embedding tied to the output head) is
   merged into a copy, so the other module keeps computing what it computed before; a Hugging Face
   config then says `tie_word_embeddings=False`, so a saved merged model reloads the same.
@@ -34,18 +36,23 @@ def merge_(model: nn.Module) -> list[str]:
         raise RuntimeError("adapters are already merged; call lorakit.unmerge_(model) first")
     layers = list(lora_layers(model))
     for name, layer in layers:
-        if layer.adapter() is not None and not is_dense(layer.weight):
+        if layer.adapter() is not None and not is_dense(layer.weight) and not _merges_into_zeros(layer):
             raise ValueError(
-                f"{name} has a quantized base ({type(layer.weight).__name__}); merge_ only merges into dense weights. "
-                "For QLoRA use lorakit.dequantize_and_merge_(model) (merges into a dense model); "
-                "re-quantizing afterwards is a separate lorakit.quantize_ call that reports its error."
+                f"{name} has a quantized base ({type(layer.weight).__name__}) that this adapter cannot merge into "
+                "exactly. An exact merge into a quantized base needs a group-wise INT-N weight and a QA-LoRA adapter "
+                "whose group_size is a multiple of the weight's. For QLoRA use lorakit.dequantize_and_merge_(model) "
+                "(merges into a dense model); re-quantizing afterwards is a separate lorakit.quantize_ call that "
+                "reports its error."
             )
     shared = _shared_parameter_ids(model)
     merged = []
     for name, layer in layers:
         base = layer.base_layer
         base.weight, base.bias = layer.weight, layer.bias  # the layer's references are authoritative
-        if layer.adapter() is not None:
+        if layer.adapter() is not None and not is_dense(layer.weight):
+            layer.weight.shift_zero_(_group_delta(layer))  # QA-LoRA: codes and scales stay, zeros move
+            merged.append(name)
+        elif layer.adapter() is not None:
             with torch.no_grad():
                 new = layer.weight.float() + layer.delta_weight()
                 if id(layer.weight) in shared:
@@ -92,7 +99,10 @@ def unmerge_(model: nn.Module) -> list[str]:
         layer: LoraLayer = module
         if current is not layer.base_layer:
             raise RuntimeError(f"{name} was replaced after merge_; cannot unmerge it")
-        if layer.adapter() is not None:
+        if layer.adapter() is not None and not is_dense(layer.weight):
+            layer.weight.shift_zero_(-_group_delta(layer))
+            unmerged.append(name)
+        elif layer.adapter() is not None:
             with torch.no_grad():
                 if current.weight is layer.weight:
                     layer.weight.copy_(layer.weight.float() - layer.delta_weight())
@@ -113,6 +123,21 @@ def _untie_in_config(model: nn.Module, state) -> None:
     if getattr(config, "tie_word_embeddings", False):
         config.tie_word_embeddings = False
         state.untied = True
+
+
+def _merges_into_zeros(layer: LoraLayer) -> bool:
+    """QA-LoRA on group-wise INT-N: ΔW is constant inside every weight group, so only offsets move."""
+    from lorakit.quant.intn import IntNWeight
+
+    adapter = layer.adapter()
+    return (isinstance(layer.weight, IntNWeight) and adapter.group_size is not None
+            and adapter.group_size % layer.weight.group_size == 0)
+
+
+def _group_delta(layer: LoraLayer) -> torch.Tensor:
+    """ΔW per weight group, (out, in/g_w): one column of each group of the dense update."""
+    with torch.no_grad():
+        return layer.delta_weight()[:, :: layer.weight.group_size]
 
 
 def _shared_parameter_ids(model: nn.Module) -> set[int]:

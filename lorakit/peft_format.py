@@ -16,6 +16,11 @@ Keys are `base_model.model.<module name>` + a suffix:
     base weight (PEFT, embeddings)    .base_layer.weight         as the base; read only, copied into it
     SavedModule copy parameter p      .p  (or .modules_to_save.p) as in the module
 
+QA-LoRA adapters (group_size g) are written in PEFT's `use_qalora` format, which PEFT applies to
+GPTQ layers: PEFT feeds A the group mean times in/g, lorakit (the paper's AvgPool1d) the group
+mean, so the file holds A / (in/g). With `qalora_as_lora=True` they are written instead as an
+exact plain LoRA that PEFT runs on any dense base: A' = A spread over each group, divided by g.
+
 PiSSA adapters are written as plain LoRA against the original weight W = W_res + s·B0A0:
 A' = [A; A0] (2r x in), B' = [B, −B0] (out x 2r), alpha scaled so s stays the same.
 Loading is strict: every tensor in the file must land in a module of the right shape, and a
@@ -55,6 +60,7 @@ BASE_WEIGHT_SUFFIX = ".base_layer.weight"  # PEFT saves whole embedding weights 
 # PEFT LoraConfig fields and what lorakit does with them on load.
 QUANT_SETTINGS = ("quant_type", "bits", "group_size", "block_size", "double_quant", "double_quant_block_size")
 
+QALORA_FIELDS = ("use_qalora", "qalora_group_size")  # read into LoraConfig.group_size
 PEFT_FIELDS_MAPPED = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
                       "exclude_modules": "exclude_modules", "use_rslora": "use_rslora", "modules_to_save": "modules_to_save",
                       "bias": "bias"}
@@ -62,16 +68,20 @@ PEFT_FIELDS_IGNORED = {  # bookkeeping, or only about how PEFT initialises / wra
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
     "init_lora_weights", "fan_in_fan_out", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
     "loftq_config", "eva_config", "corda_config", "megatron_config", "megatron_core", "layer_replication",
-    "qalora_group_size", "ensure_weight_tying", "target_parameters", "lora_ga_config", "arrow_config", "kasa_config",
+    "ensure_weight_tying", "target_parameters", "lora_ga_config", "arrow_config", "kasa_config",
     "monteclora_config", "velora_config", "use_bdlora", "alora_invocation_tokens", "trainable_token_indices",
 }
 PEFT_FIELDS_UNSUPPORTED = {  # field -> value that is fine; anything else changes the math and is refused
-    "use_dora": False, "lora_bias": False, "use_qalora": False,
+    "use_dora": False, "lora_bias": False,
 }
 
 
-def save_adapter(model: nn.Module, directory: str | Path, name: str | None = None) -> Path:
-    """Write adapter `name` (default: the active one) as a PEFT adapter directory; return it."""
+def save_adapter(model: nn.Module, directory: str | Path, name: str | None = None, *, qalora_as_lora: bool = False) -> Path:
+    """Write adapter `name` (default: the active one) as a PEFT adapter directory; return it.
+
+    `qalora_as_lora`: write a QA-LoRA adapter as the equivalent plain LoRA (loads in PEFT on any
+    dense base) instead of PEFT's `use_qalora` format (GPTQ bases only).
+    """
     state = adapter_state(model)
     if state.merged:
         raise RuntimeError("adapters are merged into the weights: call lorakit.unmerge_(model) before save_adapter")
@@ -88,6 +98,9 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
         a, b = adapter.A.detach(), adapter.B.detach()
         if adapter.is_pissa:
             a, b, pissa = torch.cat([a, adapter.A0]), torch.cat([b, -adapter.B0], dim=1), True
+        if adapter.group_size is not None:
+            g = adapter.group_size
+            a = a.repeat_interleave(g, dim=1) / g if qalora_as_lora else a / a.shape[1]  # a.shape[1] = in/g
         emb = layer.kind == "embedding"
         tensors[PREFIX + module_name + SUFFIXES[emb, "A"]] = a
         tensors[PREFIX + module_name + SUFFIXES[emb, "B"]] = b
@@ -121,6 +134,8 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
         "alpha_pattern": {},
         "use_dora": False,
         "lora_bias": False,
+        "use_qalora": config.group_size is not None and not qalora_as_lora,
+        "qalora_group_size": config.group_size if config.group_size is not None and not qalora_as_lora else 16,
         "layers_to_transform": None,
         "layers_pattern": None,
         "revision": None,
@@ -130,6 +145,10 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
         "adapter_name": name,
         "config": config.to_dict(),
         "pissa_converted_to_lora": pissa,
+        "qalora": None if config.group_size is None else {
+            "group_size": config.group_size, "pooling": "mean (AvgPool1d)",
+            "written_as": "plain LoRA (A spread over each group / g)" if qalora_as_lora else "PEFT use_qalora (A / (in/g))",
+        },
         "base_weights": _describe_base(model, module_names),
     }
     write_safetensors(directory / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
@@ -173,7 +192,7 @@ def read_peft_config(directory: str | Path) -> tuple[LoraConfig, dict]:
         if raw.get(field_name, fine) not in (fine, None):
             raise ValueError(f"{directory}: {field_name}={raw[field_name]!r} is not supported by lorakit; "
                              f"re-train or convert the adapter without it")
-    unknown = set(raw) - set(PEFT_FIELDS_MAPPED) - PEFT_FIELDS_IGNORED - set(PEFT_FIELDS_UNSUPPORTED)
+    unknown = set(raw) - set(PEFT_FIELDS_MAPPED) - PEFT_FIELDS_IGNORED - set(PEFT_FIELDS_UNSUPPORTED) - set(QALORA_FIELDS)
     if unknown:
         raise ValueError(f"{directory}/{CONFIG_FILE} has fields lorakit does not know: {sorted(unknown)}; "
                          "they may change how the adapter computes, so it is refused rather than guessed")
@@ -183,6 +202,8 @@ def read_peft_config(directory: str | Path) -> tuple[LoraConfig, dict]:
         raise ValueError(f"{directory}: bias={kwargs['bias']!r} is not supported (lorakit has 'none' and 'lora_only')")
     init = raw.get("init_lora_weights", True)
     kwargs["init"] = "gaussian" if init == "gaussian" else "default"
+    if raw.get("use_qalora"):
+        kwargs["group_size"] = raw.get("qalora_group_size")
     return LoraConfig(**kwargs), raw
 
 
@@ -216,7 +237,9 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
         r = ab["A"].shape[0]
         alpha = _pattern_value(raw.get("alpha_pattern") or {}, module_name, config.alpha)
         per_module[module_name] = dataclasses.replace(config, r=r, alpha=alpha, init="default")
-        _check_shapes(module, module_name, ab, r, directory)
+        _check_shapes(module, module_name, ab, r, directory, config.group_size)
+        if config.group_size is not None:
+            ab["A"] = ab["A"] * ab["A"].shape[1]  # PEFT's use_qalora A = lorakit's A / (in/g)
     for module_name, bias in biases.items():
         module = _module(model, module_name, directory)
         if module_name not in layers or getattr(module, "bias", None) is None or module.bias.shape != bias.shape:
@@ -307,9 +330,14 @@ def _module(model: nn.Module, module_name: str, directory: Path) -> nn.Module:
                          "which this model does not have") from None
 
 
-def _check_shapes(module: nn.Module, module_name: str, ab: dict[str, torch.Tensor], r: int, directory: Path) -> None:
+def _check_shapes(module: nn.Module, module_name: str, ab: dict[str, torch.Tensor], r: int, directory: Path,
+                  group_size: int | None) -> None:
     probe = module if isinstance(module, LoraLayer) else LoraLayer(module)
     n_in, n_out = probe.in_out
+    if group_size is not None:
+        if n_in % group_size:
+            raise ValueError(f"{directory}: qalora_group_size={group_size} does not divide {module_name}'s input size {n_in}")
+        n_in //= group_size
     kernel = tuple(probe.base_layer.kernel_size) if probe.kind.startswith("conv") else ()
     expected = {"A": (r, n_in, *kernel), "B": (n_out, r, *(1 for _ in kernel))}
     for key, shape in expected.items():

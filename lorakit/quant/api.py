@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lorakit.quant.blockwise import WEIGHT_TYPES, check_block_size
+from lorakit.quant.intn import check_bits
 from lorakit.quant.linear import QuantizedLinear, is_quantized_weight
 from lorakit.walk import Patterns, find_targets, replace_module
 
@@ -62,6 +63,36 @@ class NF4Config:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown NF4Config keys {unknown}; valid keys are {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class IntNConfig:
+    """A group-wise asymmetric INT-N base (QA-LoRA's; see `lorakit.quant.intn`).
+
+    `bits` in {2, 3, 4, 5, 8}; `group_size` consecutive input columns share a float scale and
+    zero (32 matches llama.cpp's Q4_1 / Q5_1 blocks). Round-to-nearest min-max quantization.
+    """
+
+    bits: int = 4
+    group_size: int = 32
+    target_modules: Patterns = "all-linear"
+    exclude_modules: Patterns = None
+
+    def __post_init__(self):
+        check_bits(self.bits)
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"group_size={self.group_size!r} must be a positive integer (32, 64 or 128)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> IntNConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown IntNConfig keys {unknown}; valid keys are {sorted(known)}")
         return cls(**data)
 
 
@@ -133,7 +164,7 @@ class QuantizationReport:
         return "\n".join(rows)
 
 
-def quantize_(model: nn.Module, config: NF4Config | None = None, filter_fn=None) -> QuantizationReport:
+def quantize_(model: nn.Module, config: NF4Config | IntNConfig | None = None, filter_fn=None) -> QuantizationReport:
     """Swap each selected ``nn.Linear`` for a frozen `QuantizedLinear`, in place; report sizes and errors.
 
     `filter_fn(name, module) -> bool` narrows the selection of `config.target_modules`.

@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorakit.quant.storage import apply_keeping_format
+
 NF4_CODE = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
@@ -280,15 +282,7 @@ class BlockwiseWeight(nn.Module):
         return 8 * self.nbytes / max(self.shape.numel(), 1)
 
     def _apply(self, fn, recurse=True):
-        # Device moves apply to the buffers; float casts (model.half(), model.to(torch.bfloat16)) must not
-        # touch the float32 absmax constants, which are part of the format: they only change `dtype`.
-        probe = fn(torch.empty(0, dtype=self.dtype, device=self.device))
-        if probe.is_floating_point():
-            self.dtype = probe.dtype
-        for name, buf in self._buffers.items():
-            moved = fn(buf)
-            self._buffers[name] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
-        return self
+        return apply_keeping_format(self, fn)
 
     def extra_repr(self) -> str:
         dq = f", double_quant_block_size={self.double_quant_block_size}" if self.double_quant else ""
