@@ -13,8 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import math
 import random
 import subprocess
@@ -25,62 +23,8 @@ from pathlib import Path
 import torch
 
 import lorakit
+from lorakit.data.stdlib_docs import TRAIN_MODULES, VALID_MODULES, collate, docstring_pairs, encode_chat, mean_loss
 from lorakit.models.default import default_model_dir
-
-TRAIN_MODULES = ["textwrap", "json", "shutil", "os.path", "string", "random", "statistics", "itertools", "functools",
-                 "collections", "pathlib", "fnmatch", "heapq", "bisect", "copy", "base64", "difflib", "csv",
-                 "tempfile", "zipfile", "gzip", "calendar", "datetime", "fractions", "decimal", "operator"]
-VALID_MODULES = ["glob", "shlex", "html", "math", "secrets", "uuid", "hashlib", "struct"]
-
-
-def docstring_pairs(modules: list[str]) -> list[tuple[str, str]]:
-    """(question, answer) pairs: every public function or class of each module with a docstring."""
-    pairs = []
-    for module_name in modules:
-        module = importlib.import_module(module_name)
-        for name, obj in sorted(vars(module).items()):
-            if name.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)):
-                continue
-            doc = inspect.getdoc(obj)
-            if not doc:
-                continue
-            answer = " ".join(doc.split("\n\n")[0].split())
-            if 20 <= len(answer) <= 400:
-                pairs.append((f"What does `{module_name}.{name}` do?", answer))
-    return pairs
-
-
-def encode(tokenizer, pairs, max_tokens: int) -> list[tuple[list[int], list[int]]]:
-    """Chat-formatted token ids, with labels -100 on the prompt: the loss is on the answer only."""
-    rows = []
-    for question, answer in pairs:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False)
-        p_ids = tokenizer(prompt, add_special_tokens=False).input_ids
-        a_ids = tokenizer(answer + tokenizer.eos_token, add_special_tokens=False).input_ids
-        ids = (p_ids + a_ids)[:max_tokens]
-        rows.append((ids, ([-100] * len(p_ids) + a_ids)[:max_tokens]))
-    return rows
-
-
-def collate(rows, pad_id: int):
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad_id)
-    labels = torch.full((len(rows), width), -100)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (x, y) in enumerate(rows):
-        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return ids, labels, mask
-
-
-@torch.no_grad()
-def mean_loss(model, rows, pad_id: int, batch: int = 16) -> float:
-    total, count = 0.0, 0
-    for i in range(0, len(rows), batch):
-        ids, labels, mask = collate(rows[i: i + batch], pad_id)
-        n = int((labels[:, 1:] != -100).sum())
-        total += lorakit.causal_lm_loss(model, ids, labels, mask).item() * n
-        count += n
-    return total / count
 
 
 def main() -> None:
@@ -101,8 +45,8 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train = encode(tokenizer, docstring_pairs(TRAIN_MODULES), args.max_tokens)
-    valid = encode(tokenizer, docstring_pairs(VALID_MODULES), args.max_tokens)
+    train = encode_chat(tokenizer, docstring_pairs(TRAIN_MODULES), args.max_tokens)
+    valid = encode_chat(tokenizer, docstring_pairs(VALID_MODULES), args.max_tokens)
     print(f"data: {len(train)} training pairs from {len(TRAIN_MODULES)} modules, "
           f"{len(valid)} validation pairs from {len(VALID_MODULES)} held-out modules")
 

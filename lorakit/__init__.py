@@ -2,6 +2,7 @@
 
 from lorakit.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
 from lorakit.config import LoraConfig
+from lorakit.formats.hf import export_hf
 from lorakit.hardware import cast_base_, cpu_has_fast_bf16, default_compute_dtype, default_device, resolve_compute_dtype
 from lorakit.inject import (
     ParameterReport,
@@ -38,7 +39,7 @@ from lorakit.quant import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "PeakMemory", "cast_base_", "causal_lm_loss", "chunked_cross_entropy", "cpu_has_fast_bf16", "current_rss_bytes",
+    "PeakMemory", "cast_base_", "export_hf", "causal_lm_loss", "chunked_cross_entropy", "cpu_has_fast_bf16", "current_rss_bytes",
     "default_compute_dtype", "default_device", "disable_gradient_checkpointing", "enable_gradient_checkpointing",
     "peak_rss_bytes", "reset_peak_rss", "resolve_compute_dtype", "fuse_for_training_", "unfuse_",
     "FP4Weight", "Int4Weight", "IntNConfig", "IntNWeight", "MemoryReport", "NF4Config", "NF4Weight", "QuantizationReport", "QuantizedLinear",

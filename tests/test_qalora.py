@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lorakit
-from tiny_models import FP32_ATOL, randomise_trainable_, tiny_llama
+from tiny_models import FP32_ATOL, randomise_trainable_, tiny_llama, train_steps
 
 
 def qalora_llama(bits=4, weight_group=32, adapter_group=32, seed=1):
@@ -93,16 +93,8 @@ def test_tiny_llama_trains_with_qalora():
     model = tiny_llama()
     lorakit.quantize_(model, lorakit.IntNConfig(bits=4, group_size=32))
     lorakit.inject_adapters(model, lorakit.LoraConfig(r=8, alpha=16, target_modules="all-linear", group_size=32))
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     x = tokens(5, (4, 16))
-    losses = []
-    for _ in range(30):
-        loss = model(x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, x)
     assert losses[-1] < losses[0] - 0.5, losses
     with torch.no_grad():
         before = model(x).logits
@@ -154,3 +146,25 @@ def test_qalora_as_plain_lora_loads_in_peft_on_dense_base(tmp_path):
     with torch.no_grad():
         assert (peft_model(x).logits - ref).abs().max() <= FP32_ATOL
     assert type(peft_model.base_model.model.model.layers[0].self_attn.q_proj.base_layer) is nn.Linear
+
+
+def test_gptq_base_holds_intn_weights_and_beats_rtn_on_outputs():
+    model = tiny_llama()
+    x = tokens(3)
+    calib = [tokens(s, (2, 32)) for s in range(4)]
+    with torch.no_grad():
+        ref = model(x).logits
+    errors = {}
+    for method in ("rtn", "gptq"):
+        m = copy.deepcopy(model)
+        report = lorakit.quantize_(m, lorakit.IntNConfig(bits=3, group_size=32, method=method),
+                                   calibration=calib if method == "gptq" else None)
+        assert len(report.layers) == 14
+        assert all(isinstance(q.weight, lorakit.IntNWeight) for q in m.modules() if isinstance(q, lorakit.QuantizedLinear))
+        with torch.no_grad():
+            errors[method] = (m(x).logits - ref).pow(2).mean().item()
+    assert errors["gptq"] < errors["rtn"], errors
+    with pytest.raises(ValueError, match="needs calibration"):
+        lorakit.quantize_(copy.deepcopy(model), lorakit.IntNConfig(method="gptq"))
+    with pytest.raises(ValueError, match="method='bogus'"):
+        lorakit.IntNConfig(method="bogus")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lorakit
-from tiny_models import FP32_ATOL, randomise_trainable_, tiny_llama
+from tiny_models import FP32_ATOL, randomise_trainable_, tiny_llama, train_steps
 
 CFG = lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear")
 
@@ -111,16 +111,7 @@ def test_tiny_llama_trains_with_qlora():
     model = tiny_llama()
     lorakit.quantize_(model, lorakit.NF4Config())
     lorakit.inject_adapters(model, lorakit.LoraConfig(r=8, alpha=16, target_modules="all-linear"))
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    x = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(5))
-    losses = []
-    for _ in range(30):
-        loss = model(x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(5)))
     assert losses[-1] < losses[0] - 0.8, losses  # ln(128) = 4.85 at the start: a real drop, not noise
     assert all(isinstance(m.weight, lorakit.NF4Weight) for m in model.modules() if isinstance(m, lorakit.LoraLayer))
 

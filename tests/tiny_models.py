@@ -117,3 +117,17 @@ def fresh(model: nn.Module) -> nn.Module:
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, f"shape {tuple(a.shape)} != {tuple(b.shape)}"
     return (a - b).abs().max().item()
+
+
+def train_steps(model: nn.Module, input_ids: torch.Tensor, steps: int = 30, lr: float = 1e-2) -> list[float]:
+    """AdamW on the trainable parameters, memorising one batch; returns the loss of every step."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids, labels=input_ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
+from lorakit.config import check_keys
 from lorakit.quant.blockwise import WEIGHT_TYPES, check_block_size
 from lorakit.quant.intn import check_bits
 from lorakit.quant.linear import QuantizedLinear, is_quantized_weight
@@ -59,10 +60,7 @@ class NF4Config:
 
     @classmethod
     def from_dict(cls, data: dict) -> NF4Config:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown NF4Config keys {unknown}; valid keys are {sorted(known)}")
+        check_keys(data, cls, "NF4Config")
         return cls(**data)
 
 
@@ -71,11 +69,16 @@ class IntNConfig:
     """A group-wise asymmetric INT-N base (QA-LoRA's; see `lorakit.quant.intn`).
 
     `bits` in {2, 3, 4, 5, 8}; `group_size` consecutive input columns share a float scale and
-    zero (32 matches llama.cpp's Q4_1 / Q5_1 blocks). Round-to-nearest min-max quantization.
+    zero (32 matches llama.cpp's Q4_1 / Q5_1 blocks). `method` "rtn" is round-to-nearest min-max;
+    "gptq" (Frantar et al., 2022; `lorakit.quant.gptq`) compensates each column's rounding error on
+    the columns not yet quantized, using calibration activations passed to `quantize_`, with
+    static groups under `act_order` (columns by descending Hessian diagonal).
     """
 
     bits: int = 4
     group_size: int = 32
+    method: str = "rtn"
+    act_order: bool = True
     target_modules: Patterns = "all-linear"
     exclude_modules: Patterns = None
 
@@ -83,16 +86,17 @@ class IntNConfig:
         check_bits(self.bits)
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"group_size={self.group_size!r} must be a positive integer (32, 64 or 128)")
+        if self.method not in ("rtn", "gptq"):
+            raise ValueError(f"method={self.method!r} must be 'rtn' (round to nearest) or 'gptq' (needs calibration data)")
+        if not isinstance(self.act_order, bool):
+            raise ValueError(f"act_order={self.act_order!r} must be True or False (GPTQ only)")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> IntNConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown IntNConfig keys {unknown}; valid keys are {sorted(known)}")
+        check_keys(data, cls, "IntNConfig")
         return cls(**data)
 
 
@@ -164,20 +168,47 @@ class QuantizationReport:
         return "\n".join(rows)
 
 
-def quantize_(model: nn.Module, config: NF4Config | IntNConfig | None = None, filter_fn=None) -> QuantizationReport:
+def quantize_(model: nn.Module, config: NF4Config | IntNConfig | None = None, filter_fn=None,
+              calibration=None) -> QuantizationReport:
     """Swap each selected ``nn.Linear`` for a frozen `QuantizedLinear`, in place; report sizes and errors.
 
     `filter_fn(name, module) -> bool` narrows the selection of `config.target_modules`.
+    `calibration`: input_ids batches (B, T) for `IntNConfig(method="gptq")`.
     """
     config = config or NF4Config()
     names = find_targets(model, config.target_modules, config.exclude_modules, accept=filter_fn)
     check_linear_targets(model, names)
     report = QuantizationReport(config)
+    if getattr(config, "method", "rtn") == "gptq":
+        return _quantize_gptq(model, config, names, calibration, report)
+    if calibration is not None:
+        raise ValueError("calibration data is only used by IntNConfig(method='gptq'); drop it or switch the method")
     for name in names:
         dense = model.get_submodule(name)
         quantized = QuantizedLinear.from_linear(dense, config)
         replace_module(model, name, quantized)
         report.layers.append(_measure(name, dense.weight.detach(), quantized.weight))
+    return report
+
+
+def _quantize_gptq(model: nn.Module, config: IntNConfig, names: list[str], calibration, report) -> QuantizationReport:
+    """GPTQ the selected layers, then hold them as IntNWeight. Keeps a copy of the original weights
+    only to report the error GPTQ made."""
+    from lorakit.quant.gptq import quantize_gptq_
+    from lorakit.quant.intn import IntNWeight
+
+    if calibration is None:
+        raise ValueError("IntNConfig(method='gptq') needs calibration=[input_ids batches (B, T)], "
+                         "e.g. 16 sequences of 256 tokens of text like the data you will run")
+    originals = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    codes = quantize_gptq_(model, calibration, config.bits, config.group_size, target_modules=names,
+                           act_order=config.act_order)
+    for name in names:
+        dense = model.get_submodule(name)
+        c = codes[name]
+        weight = IntNWeight.from_codes(c.codes, c.scale, c.zero, config.bits, dense.weight.dtype)
+        replace_module(model, name, QuantizedLinear(weight, dense.bias))
+        report.layers.append(_measure(name, originals.pop(name), weight))
     return report
 
 

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorakit.quant.storage import apply_keeping_format
+from lorakit.quant.storage import PackedWeight
 
 NF4_CODE = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -185,7 +185,7 @@ def dequantize_8bit(codes: Tensor, absmax: Tensor, block_size: int) -> Tensor:
 
 # ---- the weight modules ------------------------------------------------------------------------
 
-class BlockwiseWeight(nn.Module):
+class BlockwiseWeight(PackedWeight):
     """A frozen (out, in) weight in 4-bit block-wise form; subclasses fix the code table.
 
     Buffers (n = out·in, n_blocks = ceil(n / block_size)):
@@ -267,22 +267,6 @@ class BlockwiseWeight(nn.Module):
             self.codes, self.block_absmax(), self.quant_type, self.block_size, self.shape.numel(), dtype,
         )
         return flat.view(self.shape)
-
-    @property
-    def device(self) -> torch.device:
-        return self.codes.device
-
-    @property
-    def nbytes(self) -> int:
-        """Storage bytes of all buffers."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
-    @property
-    def bits_per_param(self) -> float:
-        return 8 * self.nbytes / max(self.shape.numel(), 1)
-
-    def _apply(self, fn, recurse=True):
-        return apply_keeping_format(self, fn)
 
     def extra_repr(self) -> str:
         dq = f", double_quant_block_size={self.double_quant_block_size}" if self.double_quant else ""

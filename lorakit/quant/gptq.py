@@ -4,7 +4,7 @@ The grid is lorakit's INT-N grid (`lorakit.quant.intn`): per output row, groups 
 input columns, W_q[i, j] = scale[i, G] · (q[i, j] − zero[i, G]), G = j // group_size. RTN rounds
 each weight to its nearest grid point; GPTQ picks the codes of W (out, in) that make
 
-    ‖X Wᵀ − X W_qᵀ‖²  small for the calibration inputs X (n, in), i.e.  tr((W − W_q) H (W − W_q)ᵀ) / 2,
+    ‖X Wᵀ − X W_qᵀ‖² = n/2 · tr((W − W_q) H (W − W_q)ᵀ)  small for the calibration inputs X (n, in),
     H = 2/n · Xᵀ X  (in, in).
 
 It quantizes one column j at a time and lets the not-yet-quantized columns absorb the error

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lorakit.quant.storage import apply_keeping_format
+from lorakit.quant.storage import PackedWeight
 
 BITS = (2, 3, 4, 5, 8)
 
@@ -92,7 +92,7 @@ def round_to_grid(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
     return x.round_().clamp_(0, 2**bits - 1).to(torch.uint8).view(out_features, in_features)
 
 
-class IntNWeight(nn.Module):
+class IntNWeight(PackedWeight):
     """A frozen (out, in) weight in group-wise asymmetric INT-N form.
 
     Buffers (n = out·in):
@@ -155,17 +155,6 @@ class IntNWeight(nn.Module):
             raise ValueError(f"a group-constant update must be {tuple(self.zero.shape)}, got {tuple(delta.shape)}")
         self.zero.sub_(delta.float() / self.scale)
 
-    @property
-    def device(self) -> torch.device:
-        return self.codes.device
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
-    def _apply(self, fn, recurse=True):
-        return apply_keeping_format(self, fn)
-
     def extra_repr(self) -> str:
         return (f"shape={tuple(self.shape)}, bits={self.bits}, group_size={self.group_size}, "
-                f"bits_per_param={8 * self.nbytes / self.shape.numel():.3f}")
+                f"bits_per_param={self.bits_per_param:.3f}")

@@ -1,6 +1,7 @@
-"""What `module.to(...)` means for a quantized weight: device moves apply to its buffers, float
-casts (`model.half()`, `model.to(torch.bfloat16)`) only change the dtype it dequantizes to. Its
-float32 constants (absmax, scale, zero) are part of the format and keep their precision."""
+"""The plumbing every quantized weight module shares (`PackedWeight`), and what `module.to(...)`
+means for one: device moves apply to its buffers, float casts (`model.half()`,
+`model.to(torch.bfloat16)`) only change the dtype it dequantizes to. Its float32 constants
+(absmax, scale, zero) are part of the format and keep their precision."""
 
 from __future__ import annotations
 
@@ -17,3 +18,24 @@ def apply_keeping_format(module: nn.Module, fn) -> nn.Module:
         moved = fn(buf)
         module._buffers[name] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
     return module
+
+
+class PackedWeight(nn.Module):
+    """Base of the quantized weight value objects: buffers only, plus `shape`, `dtype` and
+    `dequantize(dtype) -> (out, in)` defined by each format."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    @property
+    def nbytes(self) -> int:
+        """Storage bytes of all buffers."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.nbytes / max(self.shape.numel(), 1)
+
+    def _apply(self, fn, recurse=True):
+        return apply_keeping_format(self, fn)

@@ -1,0 +1,1 @@
+"""Datasets lorakit ships: the embedded default, built from the installed Python standard library."""
