@@ -18,6 +18,9 @@ Backward, with gy = dL/dy (N, d), σ = sigmoid(g), silu(g) = g σ, silu'(g) = σ
     dL/dg = gm ⊙ u ⊙ silu'(g)                 dL/du = gm ⊙ silu(g)
     dL/db = Σ_N gy                 (only if the bias trains)
 
+QA-LoRA adapters (group_size g) see m averaged over groups, P m (N, f/g): then h = s · (P m) Aᵀ,
+dL/dA = s · ghᵀ (P m), and the adapter's part of gm is s · (gh A) spread over each group / g.
+
 `swiglu_down_reference` is the plain-autograd version it must match.
 """
 
@@ -34,26 +37,31 @@ def _dense(weight, dtype: torch.dtype) -> Tensor:
     return weight.to(dtype) if isinstance(weight, Tensor) else weight.dequantize(dtype)
 
 
+def _pool(m: Tensor, group_size: int | None) -> Tensor:
+    return m if group_size is None else m.unflatten(-1, (-1, group_size)).mean(-1)  # (..., f/g)
+
+
 def swiglu_down_reference(g: Tensor, u: Tensor, weight, bias: Tensor | None,
-                          a: Tensor | None, b: Tensor | None, scaling: float) -> Tensor:
+                          a: Tensor | None, b: Tensor | None, scaling: float, group_size: int | None = None) -> Tensor:
     m = F.silu(g) * u
     y = F.linear(m, _dense(weight, m.dtype), None if bias is None else bias.to(m.dtype))
     if a is not None:
-        y = y + F.linear(F.linear(m, a.to(m.dtype)) * scaling, b.to(m.dtype))
+        y = y + F.linear(F.linear(_pool(m, group_size), a.to(m.dtype)) * scaling, b.to(m.dtype))
     return y
 
 
 class _SwiGLUDown(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, g, u, weight, bias, a, b, scaling):
+    def forward(ctx, g, u, weight, bias, a, b, scaling, group_size):
         m = F.silu(g) * u  # (N, f), freed after forward
         y = F.linear(m, _dense(weight, m.dtype), None if bias is None else bias.to(m.dtype))  # (N, d)
         h = None
         if a is not None:
-            h = F.linear(m, a.to(m.dtype)) * scaling  # (N, r)
+            h = F.linear(_pool(m, group_size), a.to(m.dtype)) * scaling  # (N, r)
             y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.to(m.dtype).t())
         ctx.weight = weight  # a frozen Parameter or a quantized module: a reference, not a copy
         ctx.scaling = scaling
+        ctx.group_size = group_size
         ctx.save_for_backward(g, u, bias, a, b, h)
         return y
 
@@ -65,11 +73,15 @@ class _SwiGLUDown(torch.autograd.Function):
         grad_a = grad_b = grad_bias = None
         if a is not None:
             gh = gy @ b.to(dtype)  # (N, r)
-            gm.view(-1, gm.shape[-1]).addmm_(gh.reshape(-1, gh.shape[-1]), a.to(dtype), alpha=ctx.scaling)
+            if ctx.group_size is None:
+                gm.view(-1, gm.shape[-1]).addmm_(gh.reshape(-1, gh.shape[-1]), a.to(dtype), alpha=ctx.scaling)
+            else:  # QA-LoRA: the pooled gradient, spread over each group / g
+                gp = (gh @ a.to(dtype)) * (ctx.scaling / ctx.group_size)  # (N, f/g)
+                gm += gp.repeat_interleave(ctx.group_size, dim=-1)
             sig = torch.sigmoid(g)
             silu = g * sig
             if ctx.needs_input_grad[4]:
-                m = silu * u  # rebuilt, (N, f)
+                m = _pool(silu * u, ctx.group_size)  # rebuilt, (N, f) or (N, f/g)
                 grad_a = (ctx.scaling * gh.reshape(-1, gh.shape[-1]).t() @ m.reshape(-1, m.shape[-1])).to(a.dtype)
                 del m
             if ctx.needs_input_grad[5]:
@@ -84,18 +96,20 @@ class _SwiGLUDown(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # silu'(g) = σ (1 + g (1 − σ)), built in place on sig
             grad_g = gm.mul_(u).mul_(sig.mul_(1 + g * (1 - sig)))
-        return grad_g, grad_u, None, grad_bias, grad_a, grad_b, None
+        return grad_g, grad_u, None, grad_bias, grad_a, grad_b, None, None
 
 
 def swiglu_down(g: Tensor, u: Tensor, weight, bias: Tensor | None = None,
-                a: Tensor | None = None, b: Tensor | None = None, scaling: float = 1.0) -> Tensor:
-    """y = silu(g)·u Wᵀ + b [+ s·(silu(g)·u Aᵀ) Bᵀ], saving g, u (and the (N, r) h) only.
+                a: Tensor | None = None, b: Tensor | None = None, scaling: float = 1.0,
+                group_size: int | None = None) -> Tensor:
+    """y = silu(g)·u Wᵀ + b [+ s·(pool(silu(g)·u) Aᵀ) Bᵀ], saving g, u (and the (N, r) h) only.
 
-    g, u (..., f); weight (d, f) frozen Tensor or quantized module; a (r, f), b (d, r) or None.
+    g, u (..., f); weight (d, f) frozen Tensor or quantized module; a (r, f) — (r, f/g) with a
+    QA-LoRA group_size g — and b (d, r), or None.
     """
     if isinstance(weight, Tensor) and weight.requires_grad:
         raise ValueError("swiglu_down needs a frozen down-projection weight (it computes no weight gradient)")
-    return _SwiGLUDown.apply(g, u, weight, bias, a, b, scaling)
+    return _SwiGLUDown.apply(g, u, weight, bias, a, b, scaling, group_size)
 
 
 def _is_silu(act: nn.Module) -> bool:
@@ -113,7 +127,7 @@ def _fused_mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
             return down(F.silu(g) * u)  # dropout / PiSSA-disabled paths: keep the layer's own forward
         adapter = down.adapter()
         if adapter is not None:
-            return swiglu_down(g, u, weight, down.bias, adapter.A, adapter.B, adapter.scaling)
+            return swiglu_down(g, u, weight, down.bias, adapter.A, adapter.B, adapter.scaling, adapter.group_size)
     return swiglu_down(g, u, weight, down.bias)
 
 

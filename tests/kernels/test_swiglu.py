@@ -20,12 +20,16 @@ def _inputs(seed=0, n=(2, 5), f=24, d=16, r=4, bias=True):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("adapter", [True, False])
+@pytest.mark.parametrize("adapter", [True, False, "qalora"])
 def test_matches_reference_values_and_gradients(bias, adapter):
     g, u, w, b0, a, b = _inputs(bias=bias)
+    group_size = None
     if not adapter:
         a = b = None
-    args = [g, u, w, b0, a, b, 0.7]
+    elif adapter == "qalora":  # A sees the input averaged over groups of 8: (r, f/8)
+        group_size = 8
+        a = a[:, : a.shape[1] // group_size].detach().clone().requires_grad_()
+    args = [g, u, w, b0, a, b, 0.7, group_size]
     ref_args = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t for t in args]
     y, y_ref = swiglu_down(*args), swiglu_down_reference(*ref_args)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
@@ -64,12 +68,16 @@ def _saved_bytes(model, x):
     return total
 
 
-@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("quantized", [False, "nf4", "qalora"])
 def test_fused_llama_equals_unfused_and_saves_less(quantized):
     model = tiny_llama()
-    if quantized:
+    group_size = None
+    if quantized == "nf4":
         lorakit.quantize_(model, lorakit.NF4Config())
-    lorakit.inject_adapters(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    elif quantized == "qalora":
+        lorakit.quantize_(model, lorakit.IntNConfig(bits=4, group_size=32))
+        group_size = 32
+    lorakit.inject_adapters(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear", group_size=group_size))
     randomise_trainable_(model, seed=2)
     fused = copy.deepcopy(model)
     assert fuse_swiglu_(fused) == 2
@@ -84,7 +92,8 @@ def test_fused_llama_equals_unfused_and_saves_less(quantized):
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)
     for m in (model, fused):
         m.zero_grad()
-    # two (N, f) tensors per MLP fewer: 2 layers x 2 x (32 tokens x 128 x 4 bytes)
-    assert _saved_bytes(model, x) - _saved_bytes(fused, x) >= 2 * 2 * 32 * 128 * 4
+    # (N, f) tensors per MLP fewer: silu(g), and m, which plain LoRA's A keeps (QA-LoRA's keeps P m, small)
+    fewer = 1 if group_size else 2
+    assert _saved_bytes(model, x) - _saved_bytes(fused, x) >= 2 * fewer * 32 * 128 * 4  # 2 layers, 32 tokens
     assert unfuse_swiglu_(fused) == 2
     torch.testing.assert_close(fused(x).logits, model(x).logits)
