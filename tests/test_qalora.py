@@ -168,3 +168,13 @@ def test_gptq_base_holds_intn_weights_and_beats_rtn_on_outputs():
         lorakit.quantize_(copy.deepcopy(model), lorakit.IntNConfig(method="gptq"))
     with pytest.raises(ValueError, match="method='bogus'"):
         lorakit.IntNConfig(method="bogus")
+
+
+def test_intn_quantize_report_prints_and_bad_group_changes_nothing():
+    model = tiny_llama()
+    report = lorakit.quantize_(model, lorakit.IntNConfig(bits=3, group_size=32))
+    assert str(report).startswith("quantize_: 14 linear weights -> INT3, group 32, round to nearest")
+    fresh = tiny_llama()  # down_proj has in=128, the others 64: group 128 fits only down_proj
+    with pytest.raises(ValueError, match="group_size=128 does not divide model.layers.0.self_attn.q_proj"):
+        lorakit.quantize_(fresh, lorakit.IntNConfig(bits=4, group_size=128))
+    assert not any(isinstance(m, lorakit.QuantizedLinear) for m in fresh.modules())

@@ -19,7 +19,7 @@ from torch import nn
 
 from lorakit.config import check_keys
 from lorakit.quant.blockwise import WEIGHT_TYPES, check_block_size
-from lorakit.quant.intn import check_bits
+from lorakit.quant.intn import check_bits, check_group_size
 from lorakit.quant.linear import QuantizedLinear, is_quantized_weight
 from lorakit.walk import Patterns, find_targets, replace_module
 
@@ -54,6 +54,10 @@ class NF4Config:
                     f"{name}={value!r} must be a regex string, a list of module names, or None "
                     "(e.g. 'all-linear' or ['q_proj', 'v_proj'])"
                 )
+
+    def describe(self) -> str:
+        dq = f", absmax in 8 bits per {self.double_quant_block_size}" if self.double_quant else ""
+        return f"{self.quant_type}, block {self.block_size}{dq}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,6 +94,10 @@ class IntNConfig:
             raise ValueError(f"method={self.method!r} must be 'rtn' (round to nearest) or 'gptq' (needs calibration data)")
         if not isinstance(self.act_order, bool):
             raise ValueError(f"act_order={self.act_order!r} must be True or False (GPTQ only)")
+
+    def describe(self) -> str:
+        how = "GPTQ" + (", act-order" if self.act_order else "") if self.method == "gptq" else "round to nearest"
+        return f"INT{self.bits}, group {self.group_size}, {how}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,9 +163,7 @@ class QuantizationReport:
         return math.sqrt(sum(layer.error_norm**2 for layer in self.layers)) / weight if weight else 0.0
 
     def __str__(self) -> str:
-        c = self.config
-        dq = f", absmax in 8 bits per {c.double_quant_block_size}" if c.double_quant else ""
-        rows = [f"quantize_: {len(self.layers)} linear weights -> {c.quant_type}, block {c.block_size}{dq}",
+        rows = [f"quantize_: {len(self.layers)} linear weights -> {self.config.describe()}",
                 f"{'layer':<40} {'shape':>11} {'before':>10} {'after':>10} {'bits':>6} {'max|err|':>9} {'rel.err':>8}"]
         for layer in self.layers:
             shape = "x".join(map(str, layer.shape))
@@ -178,6 +184,9 @@ def quantize_(model: nn.Module, config: NF4Config | IntNConfig | None = None, fi
     config = config or NF4Config()
     names = find_targets(model, config.target_modules, config.exclude_modules, accept=filter_fn)
     check_linear_targets(model, names)
+    if isinstance(config, IntNConfig):  # every layer checked before any is swapped: no half-quantized model
+        for name in names:
+            check_group_size(config.group_size, model.get_submodule(name).in_features, name)
     report = QuantizationReport(config)
     if getattr(config, "method", "rtn") == "gptq":
         return _quantize_gptq(model, config, names, calibration, report)

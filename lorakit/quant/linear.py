@@ -65,11 +65,10 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config) -> QuantizedLinear:
-        """Quantize `linear`'s weight as `config` (an `NF4Config`) says; the bias is kept, frozen."""
+        """Quantize `linear`'s weight as `config` (`NF4Config` or `IntNConfig`) says; the bias is kept, frozen."""
         if hasattr(config, "bits"):  # IntNConfig: group-wise INT-N (QA-LoRA's base)
-            from lorakit.quant.intn import IntNWeight, check_group_size
+            from lorakit.quant.intn import IntNWeight
 
-            check_group_size(config.group_size, linear.in_features, "this layer")
             weight = IntNWeight.from_float(linear.weight.detach(), config.bits, config.group_size)
         else:
             weight = weight_class(config.quant_type).from_float(
