@@ -27,6 +27,7 @@ import time
 import torch
 
 import lorakit
+from lorakit.io import write_json
 from lorakit.data.stdlib_docs import TRAIN_MODULES, VALID_MODULES, collate, docstring_pairs, encode_chat, mean_loss
 from lorakit.models.default import default_model_dir
 
@@ -143,8 +144,7 @@ def main() -> None:
     print(f"\n(a) base fp32: {results['(a) base fp32']:.3f}")
     print(json.dumps(results))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results)  # temporary name + rename, like every file lorakit writes
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ import subprocess
 import sys
 import time
 
+from lorakit.io import write_json
+
 CONFIGS = {
     # name: (description, dtype)
     "peft-bnb-qlora": "PEFT + bitsandbytes QLoRA (nf4, double quant, fp32 compute)",
@@ -181,8 +183,7 @@ def main() -> None:
         speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         print(f"| {CONFIGS[name]} | {r['peak_rss_mib']:.0f} | {mem} | {r['tokens_per_s']:.0f} | {speed} | {r['losses'][0]:.4f} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.json, results)  # temporary name + rename, like every file lorakit writes
 
 
 if __name__ == "__main__":

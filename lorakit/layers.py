@@ -31,20 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.config import LoraConfig
+from lorakit.quant.linear import linear
 from lorakit.walk import layer_kind
 
 
 def is_dense(weight: object) -> bool:
     return isinstance(weight, torch.Tensor)
-
-
-def dense_linear(x: torch.Tensor, weight: nn.Module | torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x Wᵀ + b for a dense or a quantized weight (the quantized path dequantizes on the fly)."""
-    if is_dense(weight):
-        return F.linear(x, weight, bias)
-    from lorakit.quant.linear import linear
-
-    return linear(x, weight, bias)
 
 
 class LoraAdapter(nn.Module):
@@ -220,7 +212,7 @@ class LoraLayer(nn.Module):
                 out = x.reshape(-1, x.shape[-1]) @ self.weight
                 out = out + self.bias if self.bias is not None else out
                 return out.reshape(*x.shape[:-1], out.shape[-1])
-            return dense_linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias)  # dense, or dequantized on the fly
         if self.kind == "embedding":
             return F.embedding(x, self.weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
         return base._conv_forward(x, self.weight, self.bias)
@@ -233,9 +225,9 @@ class LoraLayer(nn.Module):
             return F.linear(h * s, b.to(h.dtype))  # (..., dim)
         dtype = x.dtype if x.is_floating_point() else a.dtype
         a, b = a.to(dtype), b.to(dtype)
-        x = adapter.dropout(x)
         if self.kind == "linear":
-            return F.linear(F.linear(adapter.pool(x), a) * s, b)  # (..., in[/g]) -> (..., r) -> (..., out)
+            return F.linear(_lora_hidden(adapter, x, a), b)  # (..., r) -> (..., out)
+        x = adapter.dropout(x)
         h = self.base_layer._conv_forward(x, a, None) * s  # (N, r, *spatial)
         return (F.conv1d if self.kind == "conv1d" else F.conv2d)(h, b)
 
@@ -250,10 +242,9 @@ class LoraLayer(nn.Module):
         if self.kind == "linear" and out.is_contiguous() and out.dtype == x.dtype:
             # out += (s · A drop(x)) Bᵀ as one GEMM into the base output: no (..., out) temporary and
             # no separate add pass. Safe in place: a frozen-weight linear saves x, not its output.
-            a, b = adapter.A.to(x.dtype), adapter.B.to(x.dtype)
-            h = F.linear(adapter.pool(adapter.dropout(x)), a) * adapter.scaling  # (..., r)
+            h = _lora_hidden(adapter, x, adapter.A.to(x.dtype))  # (..., r)
             flat = out.view(-1, out.shape[-1])  # (N, out)
-            return flat.addmm_(h.reshape(-1, h.shape[-1]), b.t()).view(out.shape)
+            return flat.addmm_(h.reshape(-1, h.shape[-1]), adapter.B.to(x.dtype).t()).view(out.shape)
         return out + self.adapter_forward(adapter, x)
 
     def extra_repr(self) -> str:
@@ -304,6 +295,11 @@ class SavedModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.current()(*args, **kwargs)
+
+
+def _lora_hidden(adapter: LoraAdapter, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """A linear adapter's rank-r state h = s · A pool(drop(x)): (..., in) -> (..., r)."""
+    return F.linear(adapter.pool(adapter.dropout(x)), a) * adapter.scaling
 
 
 def _getattr_or_fallback(module: nn.Module, name: str, fallback: str):

@@ -34,11 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-
-def _dense(weight, dtype: torch.dtype) -> Tensor:
-    """The weight as a dense (V, d) tensor in `dtype`: a Tensor, or a quantized weight's
-    `dequantize(dtype)`."""
-    return weight.to(dtype) if isinstance(weight, Tensor) else weight.dequantize(dtype)
+from lorakit.quant.linear import dense_weight
 
 
 def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -53,7 +49,7 @@ class _ChunkedCrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk_size):
-        w = _dense(weight, hidden.dtype)  # (V, d)
+        w = dense_weight(weight, hidden.dtype)  # (V, d)
         b = None if bias is None else bias.to(hidden.dtype)
         if labels.numel() and (labels.min() < 0 or labels.max() >= w.shape[0]):
             raise ValueError(
@@ -100,7 +96,7 @@ class _ChunkedCrossEntropySum(torch.autograd.Function):
             (grad_hidden,) = ctx.saved_tensors
             return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None
         hidden, weight, bias, labels, lse = ctx.saved_tensors
-        w = _dense(weight if weight is not None else ctx.quantized_weight, hidden.dtype)  # (V, d)
+        w = dense_weight(weight if weight is not None else ctx.quantized_weight, hidden.dtype)  # (V, d)
         b = None if bias is None else bias.to(hidden.dtype)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None  # (n, d)

@@ -57,9 +57,10 @@ SUFFIXES = {  # (kind is embedding, tensor) -> PEFT suffix
 BIAS_SUFFIX = ".base_layer.bias"
 BASE_WEIGHT_SUFFIX = ".base_layer.weight"  # PEFT saves whole embedding weights (save_embedding_layers); loaded into the base
 
-# PEFT LoraConfig fields and what lorakit does with them on load.
+# Quantized-weight attributes recorded in lorakit.json, so a QLoRA / QA-LoRA adapter names its base's format.
 QUANT_SETTINGS = ("quant_type", "bits", "group_size", "block_size", "double_quant", "double_quant_block_size")
 
+# PEFT LoraConfig fields and what lorakit does with them on load.
 QALORA_FIELDS = ("use_qalora", "qalora_group_size")  # read into LoraConfig.group_size
 PEFT_FIELDS_MAPPED = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
                       "exclude_modules": "exclude_modules", "use_rslora": "use_rslora", "modules_to_save": "modules_to_save",

@@ -31,10 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit.kernels.patching import patch_forward, unpatch_forward
-
-
-def _dense(weight, dtype: torch.dtype) -> Tensor:
-    return weight.to(dtype) if isinstance(weight, Tensor) else weight.dequantize(dtype)
+from lorakit.quant.linear import dense_weight
 
 
 def _pool(m: Tensor, group_size: int | None) -> Tensor:
@@ -44,7 +41,7 @@ def _pool(m: Tensor, group_size: int | None) -> Tensor:
 def swiglu_down_reference(g: Tensor, u: Tensor, weight, bias: Tensor | None,
                           a: Tensor | None, b: Tensor | None, scaling: float, group_size: int | None = None) -> Tensor:
     m = F.silu(g) * u
-    y = F.linear(m, _dense(weight, m.dtype), None if bias is None else bias.to(m.dtype))
+    y = F.linear(m, dense_weight(weight, m.dtype), None if bias is None else bias.to(m.dtype))
     if a is not None:
         y = y + F.linear(F.linear(_pool(m, group_size), a.to(m.dtype)) * scaling, b.to(m.dtype))
     return y
@@ -54,7 +51,7 @@ class _SwiGLUDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, u, weight, bias, a, b, scaling, group_size):
         m = F.silu(g) * u  # (N, f), freed after forward
-        y = F.linear(m, _dense(weight, m.dtype), None if bias is None else bias.to(m.dtype))  # (N, d)
+        y = F.linear(m, dense_weight(weight, m.dtype), None if bias is None else bias.to(m.dtype))  # (N, d)
         h = None
         if a is not None:
             h = F.linear(_pool(m, group_size), a.to(m.dtype)) * scaling  # (N, r)
@@ -69,7 +66,7 @@ class _SwiGLUDown(torch.autograd.Function):
     def backward(ctx, gy):
         g, u, bias, a, b, h = ctx.saved_tensors
         dtype = gy.dtype
-        gm = gy @ _dense(ctx.weight, dtype)  # (N, f)
+        gm = gy @ dense_weight(ctx.weight, dtype)  # (N, f)
         grad_a = grad_b = grad_bias = None
         if a is not None:
             gh = gy @ b.to(dtype)  # (N, r)

@@ -25,6 +25,11 @@ def is_quantized_weight(obj: object) -> bool:
     return isinstance(obj, nn.Module) and callable(getattr(obj, "dequantize", None)) and hasattr(obj, "shape")
 
 
+def dense_weight(weight: Tensor | nn.Module, dtype: torch.dtype) -> Tensor:
+    """The weight as a dense (out, in) tensor in `dtype`: a Tensor cast, or a quantized weight's `dequantize(dtype)`."""
+    return weight.to(dtype) if isinstance(weight, Tensor) else weight.dequantize(dtype)
+
+
 def linear(x: Tensor, weight: Tensor | nn.Module, bias: Tensor | None = None) -> Tensor:
     """``F.linear`` for a dense weight; for a quantized one, dequantize on the fly in x.dtype."""
     if isinstance(weight, Tensor):
