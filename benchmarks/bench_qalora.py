@@ -6,8 +6,11 @@ fine-tune never saw) of:
   (b) QLoRA (NF4 base, LoRA r=16 on all linear layers), merged into a dense fp32 model;
   (c) (b) re-quantized to INT-N, group 32, by round-to-nearest and by GPTQ: the usual route to a
       low-bit deployment, which loses some of what was trained;
-  (d) QA-LoRA on an INT-N base (group 32, same bits; base quantized by --base-quant), merged
-      into the zeros: still INT-N, exactly, with no re-quantization.
+  (d) QA-LoRA on an INT-N base (group 32, same bits; base quantized by --base-quant, scales and
+      offsets on fp16 values with --scale-dtype float16), merged into the offsets: still INT-N,
+      exactly, with no re-quantization;
+  (e) at 4 bits, (d) exported to GGUF (Q4_1 blocks, the embedded model's metadata) and run in
+      llama.cpp (needs llama-cpp-python; skipped without it), with its top-1 agreement with (d).
 Both fine-tunes use the same data, steps, learning rate, rank and seed. The paper's expectation:
 (d) matches (b) within noise and beats (c), with the gap growing at lower bits.
 
@@ -57,6 +60,35 @@ def fine_tune(model, rows, pad_id, args) -> list[float]:
     return losses
 
 
+def gguf_row(model, valid, results, args) -> None:
+    """(e): the merged INT4 model as a GGUF file (the embedded model's metadata), run in llama.cpp."""
+    import tempfile
+    from pathlib import Path
+
+    from lorakit.formats.llamacpp import label_nll, llama_logits, top1_agreement
+    from lorakit.models.default import default_gguf_path
+
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("(e) skipped: pip install llama-cpp-python to run the GGUF in llama.cpp")
+        return
+    path = Path(tempfile.mkdtemp(prefix="lorakit-qalora-")) / "qalora-int4.gguf"
+    report = lorakit.export_gguf(model, path, template=default_gguf_path(), merged="QA-LoRA INT4 (bench_qalora)")
+    results["(e) export max weight error"] = report.max_abs_error
+    results["(e) export rules"] = report.counts()
+    seqs, labels = [ids for ids, _ in valid], [y for _, y in valid]
+    logits = llama_logits(path, seqs)
+    nll, n = label_nll(logits, labels)
+    results["(e) QA-LoRA INT4 GGUF, llama.cpp"] = math.exp(nll / n)
+    with torch.no_grad():
+        ours = [model(torch.tensor(ids)[None]).logits[0].float().numpy() for ids in seqs]
+    results["(e) top1 agreement with (d)"] = top1_agreement(logits, ours)
+    print(f"{'(e) QA-LoRA INT4 GGUF, llama.cpp':34s} ppl {results['(e) QA-LoRA INT4 GGUF, llama.cpp']:8.3f}   "
+          f"top-1 agreement with (d) {results['(e) top1 agreement with (d)']:.4f}; export error "
+          f"{report.max_abs_error:.3g}", flush=True)
+
+
 def calibration(rows, n: int) -> list[torch.Tensor]:
     """GPTQ calibration batches: training prompts+answers (never the validation modules)."""
     return [torch.tensor(ids)[None] for ids, _ in rows[:n]]
@@ -72,6 +104,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--base-quant", choices=["rtn", "gptq"], default="gptq", help="how QA-LoRA's INT-N base is quantized")
     p.add_argument("--calibration", type=int, default=64, help="GPTQ calibration sequences")
+    p.add_argument("--scale-dtype", choices=["float32", "float16"], default="float16",
+                   help="QA-LoRA base scales/offsets (float16: what GGUF Q4_1 stores, so (e) is exact)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
@@ -114,7 +148,7 @@ def main() -> None:
         del gptq
 
         base = copy.deepcopy(dense)
-        quant = lorakit.IntNConfig(bits=bits, group_size=GROUP, method=args.base_quant)
+        quant = lorakit.IntNConfig(bits=bits, group_size=GROUP, method=args.base_quant, scale_dtype=args.scale_dtype)
         lorakit.quantize_(base, quant, calibration=calib if args.base_quant == "gptq" else None)
         record(f"    INT{bits} {args.base_quant.upper()} base (no fine-tune)", base)
         lorakit.inject_adapters(base, lorakit.LoraConfig(**lora, group_size=GROUP))
@@ -129,6 +163,8 @@ def main() -> None:
         assert all(isinstance(m.weight, lorakit.IntNWeight) for m in base.modules() if isinstance(m, lorakit.QuantizedLinear))
         record(f"(d) QA-LoRA INT{bits} merged (exact)", base)
         results[f"(d) merge max logit change INT{bits}"] = drift
+        if bits == 4:
+            gguf_row(base, valid, results, args)
         results[f"loss curve QA-LoRA INT{bits}"] = [qa_losses[0], qa_losses[-1]]
         del base
     results["loss curve QLoRA"] = [qlora_losses[0], qlora_losses[-1]]

@@ -38,6 +38,20 @@ from lorakit.quant import (
 
 __version__ = "0.1.0"
 
+_LAZY = {  # need the gguf package (the [hf] extra): imported on first use, so `import lorakit` stays light
+    "load_gguf": "lorakit.formats.gguf_load",
+    "export_gguf": "lorakit.formats.gguf_export",
+    "export_gguf_adapter": "lorakit.formats.gguf_export",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+
 __all__ = [
     "PeakMemory", "cast_base_", "export_hf", "causal_lm_loss", "chunked_cross_entropy", "cpu_has_fast_bf16", "current_rss_bytes",
     "default_compute_dtype", "default_device", "disable_gradient_checkpointing", "enable_gradient_checkpointing",
@@ -46,5 +60,5 @@ __all__ = [
     "dequantize_", "dequantize_and_merge_", "load_quantized", "memory_report", "quantize_",
     "LoraConfig", "LoraLayer", "ParameterReport", "SavedModule", "active_adapter", "adapter_names",
     "delete_adapter", "disable_adapters", "inject_adapters", "load_adapter", "merge_", "parameter_report",
-    "save_adapter", "set_active", "unmerge_",
+    "save_adapter", "set_active", "unmerge_", "load_gguf", "export_gguf", "export_gguf_adapter",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -83,6 +84,46 @@ def _print_inspect(info: dict) -> None:
         print(f"base weights       {meta['base_weights']}")
 
 
+def inspect_gguf(path: Path) -> dict:
+    """A GGUF file's metadata (long arrays summarised), tensors with types and shapes, and type counts."""
+    from lorakit.formats.gguf_load import read_gguf, tensor_shape
+
+    reader = read_gguf(path)
+    metadata = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        value = field.contents()
+        if isinstance(value, list) and len(value) > 8:
+            value = f"[{len(value)} items: {', '.join(map(repr, value[:3]))}, ...]"
+        elif isinstance(value, str) and len(value) > 200:
+            value = value[:200] + f"... ({len(value)} characters)"
+        metadata[key] = value
+    tensors = [{"name": t.name, "type": t.tensor_type.name, "shape": list(tensor_shape(t)), "bytes": int(t.n_bytes)}
+               for t in reader.tensors]
+    counts: dict[str, int] = {}
+    for t in tensors:
+        counts[t["type"]] = counts.get(t["type"], 0) + 1
+    return {"file": str(path), "size_bytes": path.stat().st_size, "metadata": metadata, "types": counts,
+            "parameters": sum(math.prod(t["shape"]) for t in tensors), "tensors": tensors}
+
+
+def _print_gguf(info: dict, all_tensors: bool) -> None:
+    print(f"GGUF file          {info['file']}  ({_human(info['size_bytes'])})")
+    print(f"parameters         {info['parameters']:,}")
+    print(f"tensor types       {', '.join(f'{n} {t}' for t, n in sorted(info['types'].items()))}")
+    print("metadata")
+    for key, value in info["metadata"].items():
+        print(f"  {key} = {value}")
+    tensors = info["tensors"]
+    shown = tensors if all_tensors else tensors[:12]
+    print(f"tensors ({len(tensors)})")
+    for t in shown:
+        print(f"  {t['name']:40s} {t['type']:6s} {str(tuple(t['shape'])):16s} {_human(t['bytes'])}")
+    if len(shown) < len(tensors):
+        print(f"  ... {len(tensors) - len(shown)} more (--all lists every tensor)")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if path.is_dir():
@@ -91,22 +132,220 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         info = inspect_adapter(path)
     elif not path.exists():
         raise SystemExit(f"lorakit inspect: {path} does not exist")
+    elif path.suffix.lower() == ".gguf":
+        info = inspect_gguf(path)
     else:
-        raise SystemExit(f"lorakit inspect: {path} is a file; give an adapter directory (containing {CONFIG_FILE})")
+        raise SystemExit(f"lorakit inspect: {path} is neither a .gguf file nor an adapter directory "
+                         f"(containing {CONFIG_FILE})")
     if args.json:
         print(json.dumps(info, indent=2))
+    elif "tensors" in info:
+        _print_gguf(info, args.all)
     else:
         _print_inspect(info)
+    return 0
+
+
+def load_base(base: str | None, *, quantized: bool = True, tokenizer: bool = True):
+    """(model, tokenizer) for --base: a .gguf file (its own codes), a Hugging Face directory, or None (the
+    embedded default model's GGUF)."""
+    import lorakit
+    from lorakit.models.default import default_gguf_path, load_causal_lm
+
+    if base is None or base.lower().endswith(".gguf"):
+        return lorakit.load_gguf(default_gguf_path() if base is None else base, quantized=quantized, tokenizer=tokenizer)
+    return load_causal_lm(base)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import lorakit
+
+    if args.run:  # a finished `lorakit train` run: its config.yaml names the base and method
+        model, tokenizer, config = load_run(args.run)
+        adapter = Path(args.run) / "adapter"
+        qalora = config.method == "qalora"
+        if args.template is None and _is_gguf(config.model.path):
+            from lorakit.models.default import default_gguf_path
+
+            args.template = config.model.path or default_gguf_path()
+    elif args.adapter:
+        adapter = Path(args.adapter)
+        meta = json.loads((adapter / LORAKIT_FILE).read_text()) if (adapter / LORAKIT_FILE).is_file() else {}
+        qalora = bool((meta.get("config") or {}).get("group_size"))
+        model, tokenizer = load_base(args.base, quantized=qalora, tokenizer=args.format == "hf")
+        lorakit.load_adapter(model, adapter)
+    else:
+        raise ValueError("give a run directory (lorakit export RUN_DIR ...) or --adapter DIR [--base ...]")
+    out = Path(args.out)
+    if args.format == "peft":
+        lorakit.save_adapter(model, out)
+        print(f"wrote {out}: PEFT adapter directory")
+        return 0
+    if args.format == "gguf-adapter":
+        lorakit.export_gguf_adapter(model, out, template=args.template)
+        print(f"wrote {out} ({_human(out.stat().st_size)}): llama.cpp LoRA adapter for the base's tensors")
+        return 0
+    if qalora:
+        lorakit.merge_(model)  # exact: into the INT-N offsets
+    else:
+        lorakit.dequantize_and_merge_(model)
+    if args.format == "hf":
+        lorakit.export_hf(model, out, tokenizer)
+        print(f"wrote {out}: dense Hugging Face model")
+        return 0
+    report = lorakit.export_gguf(model, out, template=args.template, merged=str(adapter))
+    print(report)
+    print(f"wrote {out} ({_human(out.stat().st_size)})")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lorakit.run_config import load_config, read_run_config
+    from lorakit.train import TrainingStopped, train
+
+    if args.resume:
+        if args.overrides:
+            raise ValueError("--resume continues a run with its own config.yaml; drop the key=value overrides")
+        config = read_run_config(args.resume)
+    else:
+        if args.config and "=" in args.config and not Path(args.config).exists():  # only overrides were given
+            args.overrides, args.config = [args.config, *args.overrides], None
+        config = load_config(args.config, args.overrides)
+    try:
+        result = train(config, resume=bool(args.resume), progress=not args.quiet)
+    except TrainingStopped as e:
+        print(f"lorakit train: stopped: {e}", file=sys.stderr)
+        return 3
+    print(f"run directory: {result.run_dir} (adapter/, metrics.jsonl, loss_curve.png, summary.json)")
+    return 0
+
+
+def load_run(run_dir: str, *, dtype=None):
+    from lorakit.train import load_trained
+
+    return load_trained(run_dir, dtype=dtype)
+
+
+def _is_gguf(path) -> bool:
+    return path is None or str(path).lower().endswith(".gguf")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import math
+
+    from lorakit.data import records, render
+    from lorakit.demo import answer
+    from lorakit.train import evaluate, load_examples, pad_id_of
+
+    model, tokenizer, config = load_run(args.run)
+    if args.data:
+        data = records.read_records(args.data, config.data.shape)
+        examples = render.encode(tokenizer, data, config.data.max_tokens, config.data.train_on_prompt)
+    else:
+        _, examples, _ = load_examples(config, tokenizer)
+    if not examples:
+        raise ValueError("no evaluation data: the run has no validation split; pass --data FILE")
+    loss = evaluate(model, examples, pad_id_of(tokenizer))
+    print(f"{len(examples)} examples: loss {loss:.4f}, perplexity {math.exp(loss):.3f}")
+    for prompt in args.prompt or []:
+        print(f"Q: {prompt}\nA: {answer(model, tokenizer, prompt, args.max_new_tokens)}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import contextlib
+
+    import lorakit
+    from lorakit.demo import answer
+
+    if args.run:
+        model, tokenizer, _ = load_run(args.run)
+    else:
+        model, tokenizer = load_base(args.base)
+
+    def reply(prompt: str) -> str:
+        off = lorakit.disable_adapters(model) if args.no_adapter and args.run else contextlib.nullcontext()
+        with off:
+            return answer(model, tokenizer, prompt, args.max_new_tokens)
+
+    for prompt in args.prompt or []:
+        print(reply(prompt))
+    if not args.prompt:  # chat from the terminal
+        print("lorakit generate: type a message, empty line to quit", file=sys.stderr)
+        while line := input("> ").strip():
+            print(reply(line))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    import lorakit
+
+    model, tokenizer, config = load_run(args.run)
+    out = Path(args.out or Path(args.run) / "merged")
+    if config.method == "qlora":
+        lorakit.dequantize_and_merge_(model)
+    else:
+        lorakit.merge_(model)
+    lorakit.export_hf(model, out, tokenizer)
+    print(f"wrote {out}: the merged model as a dense Hugging Face directory"
+          + ("" if config.method != "qalora" else " (use `lorakit export --format gguf` to keep it 4-bit)"))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lorakit.demo import run_demo
+
+    run_demo(args.out, steps=args.steps, progress=not args.quiet)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA / QLoRA / QA-LoRA fine-tuning on the hardware you have")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("inspect", help="print an adapter directory's config, rank, targets, parameters and size")
-    p.add_argument("path", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p = sub.add_parser("inspect", help="print an adapter directory's or a GGUF file's contents")
+    p.add_argument("path", help="adapter directory (adapter_config.json + adapter_model.safetensors) or FILE.gguf")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--all", action="store_true", help="list every tensor of a GGUF file")
     p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("train", help="fine-tune: lorakit train CONFIG.yaml [key=value ...], or --resume RUN_DIR")
+    p.add_argument("config", nargs="?", help="YAML config (omit for the defaults: QA-LoRA on the embedded model)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4 adapter.r=8")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint, exactly")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("eval", help="perplexity of a run's model on its validation split or --data")
+    p.add_argument("run", help="run directory (output_dir of lorakit train)")
+    p.add_argument("--data", help="a JSONL/CSV/Parquet file to evaluate instead")
+    p.add_argument("--prompt", action="append", help="also answer this prompt (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("generate", help="answer prompts (or chat) with a run's model or a base model")
+    p.add_argument("run", nargs="?", help="run directory (omit to use --base without an adapter)")
+    p.add_argument("--base", help="FILE.gguf or Hugging Face directory when no run is given (default: embedded model)")
+    p.add_argument("--prompt", action="append", help="prompt (repeatable); none: chat from the terminal")
+    p.add_argument("--no-adapter", action="store_true", help="answer with the base model of the run")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("merge", help="merge a run's adapter into its base; write a dense Hugging Face model")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", help="output directory (default RUN_DIR/merged)")
+    p.set_defaults(func=cmd_merge)
+    p = sub.add_parser("demo", help="the whole mission on the embedded model: QA-LoRA on its Q4_1 codes, "
+                                    "lossless merge, GGUF export, report")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--steps", type=int, default=40, help="training steps (default 40, a few minutes on 2 cores)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("export", help="merge an adapter into its base and write it (GGUF, Hugging Face), "
+                                      "or write the adapter alone (llama.cpp GGUF adapter, PEFT)")
+    p.add_argument("run", nargs="?", help="run directory of lorakit train (or use --adapter and --base)")
+    p.add_argument("--adapter", help="adapter directory written by lorakit (PEFT format)")
+    p.add_argument("--base", help="the base it was trained on: FILE.gguf or a Hugging Face directory "
+                                  "(default: the embedded SmolLM2-135M-Instruct GGUF)")
+    p.add_argument("--format", choices=["gguf", "gguf-adapter", "hf", "peft"], default="gguf")
+    p.add_argument("--template", help="GGUF whose metadata and layout to write into (default: the base's own file)")
+    p.add_argument("--out", required=True, help="output .gguf file (or directory for --format hf)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
@@ -114,7 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError, TypeError) as e:
         print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -118,6 +118,18 @@ def _saved_names(model: nn.Module, saved: list[str]) -> list[str]:
     return names
 
 
+def adapter_to_write(model: nn.Module, name: str | None, what: str) -> tuple[str, LoraConfig]:
+    """(name, config) of adapter `name` (default: the active one), for writing it out as `what`; a clear
+    error if the adapters are merged or there is no such adapter."""
+    state = adapter_state(model)
+    if state.merged:
+        raise RuntimeError(f"adapters are merged into the weights: call lorakit.unmerge_(model) before {what}")
+    name = name or state.active
+    if name not in state.configs:
+        raise ValueError(f"no adapter named {name!r} for {what}; this model has {list(state.configs)}")
+    return name, state.configs[name]
+
+
 def adapter_names(model: nn.Module) -> list[str]:
     return list(adapter_state(model).configs)
 

@@ -231,6 +231,24 @@ class LoraLayer(nn.Module):
         h = self.base_layer._conv_forward(x, a, None) * s  # (N, r, *spatial)
         return (F.conv1d if self.kind == "conv1d" else F.conv2d)(h, b)
 
+    def offset_forward(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
+        """QA-LoRA over INT-N offsets deployed in `weight.offset_dtype` (fp16 in GGUF Q4_1 / Q5_1):
+        the update the merged file will really hold, Δm = fp16(m + δ) − m (straight-through in δ), times
+        each weight group's input sum:
+
+            δ = s · (B A) / g_a  (out, in/g_a), spread over the weight's groups g_w  -> (out, in/g_w)
+            y_update = Σ_G Δm[:, G] · Σ_{j∈G} drop(x)_j          (..., in) -> (..., out)
+
+        Equal to s · B A pool(drop(x)) wherever fp16 holds m + δ exactly."""
+        weight = self.weight
+        k = adapter.group_size // weight.group_size
+        delta = (adapter.scaling * (adapter.B.float() @ adapter.A.float())) / adapter.group_size  # (out, in/g_a)
+        if k > 1:
+            delta = delta.repeat_interleave(k, dim=1)  # (out, in/g_w)
+        moved = weight.moved_offset(delta)
+        sums = adapter.dropout(x).unflatten(-1, (-1, weight.group_size)).sum(-1)  # (..., in/g_w)
+        return F.linear(sums, moved.to(sums.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_forward(x)
         if self.active is None:
@@ -239,6 +257,8 @@ class LoraLayer(nn.Module):
         if self.disabled:
             # PiSSA moved s·B0A0 out of W: add it back so "disabled" means the original model.
             return out + self.adapter_forward(adapter, x, initial=True) if adapter.is_pissa else out
+        if self.kind == "linear" and adapter.group_size is not None and getattr(self.weight, "offset_dtype", None):
+            return out + self.offset_forward(adapter, x)
         if self.kind == "linear" and out.is_contiguous() and out.dtype == x.dtype:
             # out += (s · A drop(x)) Bᵀ as one GEMM into the base output: no (..., out) temporary and
             # no separate add pass. Safe in place: a frozen-weight linear saves x, not its output.

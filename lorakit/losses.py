@@ -200,6 +200,7 @@ def causal_lm_loss(
     labels: Tensor,
     attention_mask: Tensor | None = None,
     chunk_size: int = 256,
+    **model_kwargs,
 ) -> Tensor:
     """Mean next-token cross-entropy of a Hugging Face causal LM without materialising logits.
 
@@ -213,7 +214,8 @@ def causal_lm_loss(
             f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}"
         )
     head = _output_head(model)
-    out = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    # model_kwargs: e.g. position_ids for packed rows (their attention_mask is then 4-D, block-diagonal)
+    out = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
     hidden = out.last_hidden_state  # (B, T, d)
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), d): positions that predict
     targets = labels[:, 1:].reshape(-1)  # (B*(T-1),): the next token

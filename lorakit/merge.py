@@ -5,7 +5,7 @@
 - `merge_(model)`: exact dense merge, W ← W + ΔW for the active adapter (ΔW from
   `LoraLayer.delta_weight`), computed in float32. On a group-wise INT-N base with a QA-LoRA
   adapter (adapter group_size a multiple of the weight's), ΔW is constant inside each group and
-  the merge only moves the zeros: zero ← zero − ΔW / scale. The merged model is still INT-N with
+  the merge only moves the offsets: offset ← offset + ΔW. The merged model is still INT-N with
   the same codes and scales, exactly. The adapter layers are replaced by the
   original plain layers (`nn.Linear`, `nn.Embedding`, ...), so the model saves and runs like the
   base model did. `unmerge_` subtracts ΔW again and puts the adapter layers back.
@@ -36,7 +36,7 @@ def merge_(model: nn.Module) -> list[str]:
         raise RuntimeError("adapters are already merged; call lorakit.unmerge_(model) first")
     layers = list(lora_layers(model))
     for name, layer in layers:
-        if layer.adapter() is not None and not is_dense(layer.weight) and not _merges_into_zeros(layer):
+        if layer.adapter() is not None and not is_dense(layer.weight) and not _merges_into_offsets(layer):
             raise ValueError(
                 f"{name} has a quantized base ({type(layer.weight).__name__}) that this adapter cannot merge into "
                 "exactly. An exact merge into a quantized base needs a group-wise INT-N weight and a QA-LoRA adapter "
@@ -50,7 +50,7 @@ def merge_(model: nn.Module) -> list[str]:
         base = layer.base_layer
         base.weight, base.bias = layer.weight, layer.bias  # the layer's references are authoritative
         if layer.adapter() is not None and not is_dense(layer.weight):
-            layer.weight.shift_zero_(_group_delta(layer))  # QA-LoRA: codes and scales stay, zeros move
+            layer.weight.shift_offset_(_group_delta(layer))  # QA-LoRA: codes and scales stay, offsets move
             merged.append(name)
         elif layer.adapter() is not None:
             with torch.no_grad():
@@ -100,7 +100,7 @@ def unmerge_(model: nn.Module) -> list[str]:
         if current is not layer.base_layer:
             raise RuntimeError(f"{name} was replaced after merge_; cannot unmerge it")
         if layer.adapter() is not None and not is_dense(layer.weight):
-            layer.weight.shift_zero_(-_group_delta(layer))
+            layer.weight.shift_offset_(-_group_delta(layer))
             unmerged.append(name)
         elif layer.adapter() is not None:
             with torch.no_grad():
@@ -125,7 +125,7 @@ def _untie_in_config(model: nn.Module, state) -> None:
         state.untied = True
 
 
-def _merges_into_zeros(layer: LoraLayer) -> bool:
+def _merges_into_offsets(layer: LoraLayer) -> bool:
     """QA-LoRA on group-wise INT-N: ΔW is constant inside every weight group, so only offsets move."""
     from lorakit.quant.intn import IntNWeight
 

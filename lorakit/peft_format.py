@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.inject import adapter_state, attach_adapter
+from lorakit.inject import adapter_state, adapter_to_write, attach_adapter
 from lorakit.io import read_json, read_safetensors, write_json, write_safetensors
 from lorakit.layers import LoraLayer, SavedModule, lora_layers, saved_modules
 from lorakit.walk import layer_kind, matches
@@ -83,13 +83,7 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     `qalora_as_lora`: write a QA-LoRA adapter as the equivalent plain LoRA (loads in PEFT on any
     dense base) instead of PEFT's `use_qalora` format (GPTQ bases only).
     """
-    state = adapter_state(model)
-    if state.merged:
-        raise RuntimeError("adapters are merged into the weights: call lorakit.unmerge_(model) before save_adapter")
-    name = name or state.active
-    if name not in state.configs:
-        raise ValueError(f"no adapter named {name!r} to save; this model has {list(state.configs)}")
-    config = state.configs[name]
+    name, config = adapter_to_write(model, name, "save_adapter")
     tensors: dict[str, torch.Tensor] = {}
     module_names, transposed, pissa = [], False, False
     for module_name, layer in lora_layers(model):

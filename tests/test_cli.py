@@ -28,3 +28,37 @@ def test_inspect_errors(tmp_path):
     assert out.returncode != 0 and "does not exist" in out.stderr
     out = run("inspect", str(tmp_path))
     assert out.returncode != 0 and "not an adapter directory" in out.stderr
+
+
+def test_inspect_and_export_gguf(tmp_path):
+    import pytest
+
+    pytest.importorskip("gguf")
+    from formats.gguf_files import tensor_bytes, write_llama_gguf
+
+    src = write_llama_gguf(tmp_path / "base.gguf", tiny_llama(), "Q4_1")
+    out = run("inspect", str(src))
+    assert out.returncode == 0, out.stderr
+    assert "14 Q4_1" in out.stdout and "llama.block_count = 2" in out.stdout and "blk.0.attn_q.weight" in out.stdout
+    info = json.loads(run("inspect", "--json", str(src)).stdout)
+    assert info["types"] == {"Q4_1": 14, "Q8_0": 2, "F32": 5}
+
+    model, _ = lorakit.load_gguf(src, tokenizer=False)
+    lorakit.inject_adapters(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["v_proj"], group_size=32))
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.5)
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    out = run("export", "--adapter", str(tmp_path / "adapter"), "--base", str(src), "--out", str(tmp_path / "ft.gguf"))
+    assert out.returncode == 0, out.stderr
+    assert "offsets moved" in out.stdout
+    before, after = tensor_bytes(src), tensor_bytes(tmp_path / "ft.gguf")
+    changed = {n for n in before if before[n] != after[n]}
+    assert changed == {"blk.0.attn_v.weight", "blk.1.attn_v.weight"}
+    out = run("export", "--adapter", str(tmp_path / "adapter"), "--base", str(src), "--format", "gguf-adapter",
+              "--out", str(tmp_path / "adapter.gguf"))
+    assert out.returncode == 0, out.stderr
+    assert set(tensor_bytes(tmp_path / "adapter.gguf")) == {f"blk.{i}.attn_v.weight.lora_{ab}" for i in (0, 1) for ab in "ab"}
+    out = run("export", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "x.gguf"), "--base",
+              str(tmp_path / "missing.gguf"))
+    assert out.returncode == 2 and "not found" in out.stderr

@@ -53,7 +53,7 @@ def test_merge_moves_only_zeros_and_keeps_logits(bits):
         assert torch.equal(merged.weight.q(), codes) and torch.equal(merged.weight.scale, scale)
         g = merged.weight.group_size
         w = merged.weight.dequantize()  # every weight on its group's grid, exactly
-        grid = merged.weight.scale.repeat_interleave(g, 1) * (codes.float() - merged.weight.zero.repeat_interleave(g, 1))
+        grid = merged.weight.scale.repeat_interleave(g, 1) * codes.float() + merged.weight.offset.repeat_interleave(g, 1)
         assert torch.equal(w, grid)
     lorakit.unmerge_(model)
     with torch.no_grad():

@@ -73,20 +73,24 @@ class Blocks(NamedTuple):
     m: np.ndarray | None
 
 
-def block_type(qtype: GGMLQuantizationType | int) -> BlockType:
-    """The table row of `qtype`; a ValueError that says what to do for any other type."""
+def as_qtype(qtype: GGMLQuantizationType | int | str) -> GGMLQuantizationType:
+    """A GGMLQuantizationType from itself, its number or its name ("Q4_1")."""
     try:
-        qtype = GGMLQuantizationType(qtype)
-    except ValueError:
+        return GGMLQuantizationType[qtype] if isinstance(qtype, str) else GGMLQuantizationType(qtype)
+    except (KeyError, ValueError):
         raise ValueError(f"{qtype!r} is not a GGML quantization type") from None
+
+
+def block_type(qtype: GGMLQuantizationType | int | str) -> BlockType:
+    """The table row of `qtype`; a ValueError that says what to do for any other type."""
+    qtype = as_qtype(qtype)
     if qtype in TYPES:
         return TYPES[qtype]
     supported = ", ".join(t.name for t in TYPES)
     if qtype.name.endswith("_K"):
         raise ValueError(
-            f"{qtype.name} is a K-quant (256-weight super-blocks with quantized sub-block scales): it is not "
-            f"loaded as INT-N codes yet (a later step will add it); load it densely with gguf.quants.dequantize, "
-            f"or use a GGUF quantized to {supported}"
+            f"{qtype.name} is a K-quant (256-weight super-blocks with quantized sub-block scales), not a 32-weight "
+            f"block type ({supported}): read it with lorakit.formats.gguf_kquants.decode_k"
         )
     if qtype.name in _DENSE:
         raise ValueError(f"{qtype.name} is not block-quantized: load the tensor densely (its data is the values), "
@@ -105,10 +109,10 @@ def _check_shape(shape: tuple[int, int], qtype: GGMLQuantizationType) -> tuple[i
     return rows, cols
 
 
-def decode(data: np.ndarray | bytes, qtype: GGMLQuantizationType | int, shape: tuple[int, int]) -> Blocks:
+def decode(data: np.ndarray | bytes, qtype: GGMLQuantizationType | int | str, shape: tuple[int, int]) -> Blocks:
     """Unpack a tensor's raw bytes (any uint8 array or bytes, C order) into codes, d and m."""
     t = block_type(qtype)
-    qtype = GGMLQuantizationType(qtype)
+    qtype = as_qtype(qtype)
     rows, cols = _check_shape(shape, qtype)
     if isinstance(data, np.ndarray) and data.dtype != np.uint8:
         raise ValueError(f"{qtype.name} data must be raw uint8 bytes, got dtype {data.dtype}")
@@ -153,10 +157,10 @@ def _check_blocks(blocks: Blocks, qtype: GGMLQuantizationType, t: BlockType) -> 
     return rows, cols
 
 
-def encode(blocks: Blocks, qtype: GGMLQuantizationType | int) -> np.ndarray:
+def encode(blocks: Blocks, qtype: GGMLQuantizationType | int | str) -> np.ndarray:
     """Pack codes, d and m into the tensor's raw bytes: uint8 (out, in/32 · bytes_per_block)."""
     t = block_type(qtype)
-    qtype = GGMLQuantizationType(qtype)
+    qtype = as_qtype(qtype)
     rows, cols = _check_blocks(blocks, qtype, t)
     nb = cols // BLOCK
     codes = blocks.codes.reshape(rows, nb, BLOCK)
@@ -175,7 +179,7 @@ def encode(blocks: Blocks, qtype: GGMLQuantizationType | int) -> np.ndarray:
     return out.reshape(rows, nb * t.bytes_per_block)
 
 
-def implied_offset(blocks: Blocks, qtype: GGMLQuantizationType | int) -> np.ndarray:
+def implied_offset(blocks: Blocks, qtype: GGMLQuantizationType | int | str) -> np.ndarray:
     """Each block's offset in w = d · c + offset, float32 (out, nb): m, or −2^(bits−1)·d for the
     symmetric types. Exact: an fp16 d times a power of two is a float32."""
     t = block_type(qtype)
@@ -184,10 +188,10 @@ def implied_offset(blocks: Blocks, qtype: GGMLQuantizationType | int) -> np.ndar
     return np.float32(-(1 << (t.bits - 1))) * blocks.d.astype(np.float32)
 
 
-def dequantize(blocks: Blocks, qtype: GGMLQuantizationType | int) -> np.ndarray:
+def dequantize(blocks: Blocks, qtype: GGMLQuantizationType | int | str) -> np.ndarray:
     """float32 (out, in), bit-identical to llama.cpp's and gguf.quants' dequantization."""
     t = block_type(qtype)
-    rows, cols = _check_blocks(blocks, GGMLQuantizationType(qtype), t)
+    rows, cols = _check_blocks(blocks, as_qtype(qtype), t)
     codes = blocks.codes.reshape(rows, cols // BLOCK, BLOCK)
     d = blocks.d.astype(np.float32)[..., None]  # (out, nb, 1)
     if t.has_offset:

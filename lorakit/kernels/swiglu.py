@@ -123,6 +123,8 @@ def _fused_mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
         if down.transposed or (down.active is not None and (down.disabled or not isinstance(down.lora[down.active].dropout, nn.Identity))):
             return down(F.silu(g) * u)  # dropout / PiSSA-disabled paths: keep the layer's own forward
         adapter = down.adapter()
+        if adapter is not None and adapter.group_size is not None and getattr(weight, "offset_dtype", None):
+            return down(F.silu(g) * u)  # QA-LoRA against fp16-deployed offsets: the layer's offset_forward
         if adapter is not None:
             return swiglu_down(g, u, weight, down.bias, adapter.A, adapter.B, adapter.scaling, adapter.group_size)
     return swiglu_down(g, u, weight, down.bias)

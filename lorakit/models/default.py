@@ -93,6 +93,10 @@ def load_causal_lm(path: str | Path | None = None, dtype: torch.dtype = torch.fl
         model = transformers.AutoModelForCausalLM.from_pretrained(
             directory, dtype=dtype, local_files_only=True, use_safetensors=True
         )
+    if path is None:  # converted from the package's GGUF: export_gguf writes back into that file's layout
+        from lorakit.formats.gguf_load import GGUFSource, set_gguf_source
+
+        set_gguf_source(model, GGUFSource(default_gguf_path(), "llama", {}))
     return model.eval(), tokenizer
 
 

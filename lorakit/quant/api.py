@@ -73,16 +73,19 @@ class IntNConfig:
     """A group-wise asymmetric INT-N base (QA-LoRA's; see `lorakit.quant.intn`).
 
     `bits` in {2, 3, 4, 5, 8}; `group_size` consecutive input columns share a float scale and
-    zero (32 matches llama.cpp's Q4_1 / Q5_1 blocks). `method` "rtn" is round-to-nearest min-max;
+    offset (32 matches llama.cpp's Q4_1 / Q5_1 blocks). `method` "rtn" is round-to-nearest min-max;
     "gptq" (Frantar et al., 2022; `lorakit.quant.gptq`) compensates each column's rounding error on
     the columns not yet quantized, using calibration activations passed to `quantize_`, with
-    static groups under `act_order` (columns by descending Hessian diagonal).
+    static groups under `act_order` (columns by descending Hessian diagonal). `scale_dtype`
+    "float16" keeps scales and offsets on fp16 values, as llama.cpp's Q4_1 / Q5_1 store them: the
+    GGUF export is then exact, and QA-LoRA trains against the fp16 offsets it will be merged into.
     """
 
     bits: int = 4
     group_size: int = 32
     method: str = "rtn"
     act_order: bool = True
+    scale_dtype: str = "float32"
     target_modules: Patterns = "all-linear"
     exclude_modules: Patterns = None
 
@@ -92,12 +95,15 @@ class IntNConfig:
             raise ValueError(f"group_size={self.group_size!r} must be a positive integer (32, 64 or 128)")
         if self.method not in ("rtn", "gptq"):
             raise ValueError(f"method={self.method!r} must be 'rtn' (round to nearest) or 'gptq' (needs calibration data)")
+        if self.scale_dtype not in ("float32", "float16"):
+            raise ValueError(f"scale_dtype={self.scale_dtype!r} must be 'float32' or 'float16' (llama.cpp's Q4_1 / Q5_1)")
         if not isinstance(self.act_order, bool):
             raise ValueError(f"act_order={self.act_order!r} must be True or False (GPTQ only)")
 
     def describe(self) -> str:
         how = "GPTQ" + (", act-order" if self.act_order else "") if self.method == "gptq" else "round to nearest"
-        return f"INT{self.bits}, group {self.group_size}, {how}"
+        fp16 = ", fp16 scales" if self.scale_dtype == "float16" else ""
+        return f"INT{self.bits}, group {self.group_size}, {how}{fp16}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -210,12 +216,14 @@ def _quantize_gptq(model: nn.Module, config: IntNConfig, names: list[str], calib
         raise ValueError("IntNConfig(method='gptq') needs calibration=[input_ids batches (B, T)], "
                          "e.g. 16 sequences of 256 tokens of text like the data you will run")
     originals = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    scale_dtype = getattr(torch, config.scale_dtype)
     codes = quantize_gptq_(model, calibration, config.bits, config.group_size, target_modules=names,
-                           act_order=config.act_order)
+                           act_order=config.act_order, scale_dtype=scale_dtype)
     for name in names:
         dense = model.get_submodule(name)
         c = codes[name]
-        weight = IntNWeight.from_codes(c.codes, c.scale, c.zero, config.bits, dense.weight.dtype)
+        weight = IntNWeight.from_codes(c.codes, c.scale, c.offset, config.bits, dense.weight.dtype,
+                                       None if scale_dtype == torch.float32 else scale_dtype)
         replace_module(model, name, QuantizedLinear(weight, dense.bias))
         report.layers.append(_measure(name, originals.pop(name), weight))
     return report

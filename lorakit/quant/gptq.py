@@ -1,7 +1,7 @@
 """GPTQ (Frantar et al., 2022): group-wise INT-N codes that minimise the layer-output error.
 
 The grid is lorakit's INT-N grid (`lorakit.quant.intn`): per output row, groups of `group_size`
-input columns, W_q[i, j] = scale[i, G] · (q[i, j] − zero[i, G]), G = j // group_size. RTN rounds
+input columns, W_q[i, j] = scale[i, G] · q[i, j] + offset[i, G], G = j // group_size. RTN rounds
 each weight to its nearest grid point; GPTQ picks the codes of W (out, in) that make
 
     ‖X Wᵀ − X W_qᵀ‖² = n/2 · tr((W − W_q) H (W − W_q)ᵀ)  small for the calibration inputs X (n, in),
@@ -20,12 +20,13 @@ H[j, j] = 1 and W[:, j] = 0. Lazy batch updates: inside a block of `block_size` 
 touches only the block; the block's errors E (out, block) reach the later columns in one matmul,
 W[:, later] −= E · U[block, later].
 
-A group's scale and zero are set (min-max, as RTN) when its first column is reached, from the
+A group's scale and offset are set (min-max, as RTN) when its first column is reached, from the
 group's weights as compensated so far (when `block_size` is not a multiple of `group_size`, a
 group's columns past the current block have not yet received that block's errors). With `act_order`, columns are processed by decreasing
-H[j, j] (the most sensitive first) with *static groups*: every group's scale and zero come from the
+H[j, j] (the most sensitive first) with *static groups*: every group's scale and offset come from the
 original weights up front and a column keeps its group j // group_size; codes are un-permuted at
-the end, so the stored layout is the same as without act_order.
+the end, so the stored layout is the same as without act_order. `scale_dtype=torch.float16` rounds each
+group's scale and offset to fp16 values before its codes are chosen (llama.cpp's Q4_1 / Q5_1 layout).
 
 `quantize_gptq_(model, batches, ...)` runs GPTQ on every selected linear layer, block after block
 (`sequential`), and writes the dequantized W_q back into the dense weights; `quantize_rtn_` does
@@ -41,49 +42,46 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.quant.api import check_linear_targets
-from lorakit.quant.intn import check_bits, check_group_size, minmax_params, round_to_grid
+from lorakit.quant.intn import check_bits, check_group_size, dequantize_grid, minmax_params, round_to_grid
 from lorakit.walk import Patterns, find_targets
 
 
 class GroupCodes(NamedTuple):
-    """One layer's INT-N quantization: codes uint8 (out, in); scale, zero float32 (out, in/group_size)."""
+    """One layer's INT-N quantization: codes uint8 (out, in); scale, offset float32 (out, in/group_size)."""
 
     codes: Tensor
     scale: Tensor
-    zero: Tensor
+    offset: Tensor
 
 
-def group_params(w_group: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """Min-max scale and zero of each row of one group, w_group (out, g) -> two float32 (out,).
+def group_params(w_group: Tensor, bits: int, scale_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """Min-max scale and offset of each row of one group, w_group (out, g) -> two float32 (out,).
 
-    scale = (max − min) / (2^bits − 1), zero = −min / scale; a constant row takes scale = 1, zero = −x.
+    scale = (max − min) / (2^bits − 1), offset = min; a constant row takes scale = 1, offset = x.
     """
-    scale, zero = minmax_params(w_group, bits, w_group.shape[1])  # (out, 1) each
-    return scale[:, 0], zero[:, 0]
+    scale, offset = minmax_params(w_group, bits, w_group.shape[1], scale_dtype)  # (out, 1) each
+    return scale[:, 0], offset[:, 0]
 
 
-def rtn_codes(w: Tensor, bits: int, group_size: int) -> GroupCodes:
-    """Round-to-nearest min-max quantization of w (out, in): codes (out, in), scale and zero (out, in/g)."""
+def rtn_codes(w: Tensor, bits: int, group_size: int, scale_dtype: torch.dtype | None = None) -> GroupCodes:
+    """Round-to-nearest min-max quantization of w (out, in): codes (out, in), scale and offset (out, in/g)."""
     _check_weight(w, bits, group_size)
-    scale, zero = minmax_params(w.detach(), bits, group_size)
-    return GroupCodes(round_to_grid(w.detach(), scale, zero, bits), scale, zero)
+    scale, offset = minmax_params(w.detach(), bits, group_size, scale_dtype)
+    return GroupCodes(round_to_grid(w.detach(), scale, offset, bits), scale, offset)
 
 
 def dequantize_codes(codes: GroupCodes, dtype: torch.dtype = torch.float32) -> Tensor:
-    """W_q = scale · (q − zero) (out, in), in float32 (as `IntNWeight.dequantize` computes it), cast once."""
-    q, scale, zero = codes
-    out_features, in_features = q.shape
-    w = (q.view(out_features, scale.shape[1], -1).float() - zero[..., None]) * scale[..., None]  # (out, in/g, g)
-    return w.view(out_features, in_features).to(dtype)
+    """W_q = scale · q + offset (out, in), in float32 (as `IntNWeight.dequantize` computes it), cast once."""
+    return dequantize_grid(*codes).to(dtype)
 
 
 def gptq_codes(
     w: Tensor, hessian: Tensor, bits: int, group_size: int, *,
-    block_size: int = 128, damp: float = 0.01, act_order: bool = False,
+    block_size: int = 128, damp: float = 0.01, act_order: bool = False, scale_dtype: torch.dtype | None = None,
 ) -> GroupCodes:
     """GPTQ codes of w (out, in) for the input second moment `hessian` (in, in), H = 2/n Σ x xᵀ.
 
-    Returns codes uint8 (out, in), scale and zero float32 (out, in/group_size). Computes in float32,
+    Returns codes uint8 (out, in), scale and offset float32 (out, in/group_size). Computes in float32,
     with the Cholesky factorisations of H and H⁻¹ in float64. See the module docstring for the math.
     """
     _check_weight(w, bits, group_size)
@@ -104,12 +102,12 @@ def gptq_codes(
 
     n_groups = in_features // group_size
     if act_order:
-        scale, zero = minmax_params(W, bits, group_size)       # static groups, from the original weights
+        scale, offset = minmax_params(W, bits, group_size, scale_dtype)  # static groups, from the original weights
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
     else:
         scale = torch.empty(out_features, n_groups, device=W.device)
-        zero = torch.empty(out_features, n_groups, device=W.device)
+        offset = torch.empty(out_features, n_groups, device=W.device)
         perm = torch.arange(in_features, device=W.device)
     group_of = (perm // group_size).tolist()                   # group of the column processed at step j
 
@@ -124,17 +122,17 @@ def gptq_codes(
             j = b0 + i
             G = group_of[j]
             if not act_order and j % group_size == 0:
-                scale[:, G], zero[:, G] = group_params(W[:, j:j + group_size], bits)
-            s, z = scale[:, G:G + 1], zero[:, G:G + 1]         # (out, 1)
-            q = round_to_grid(W1[:, i:i + 1], s, z, bits)      # (out, 1)
+                scale[:, G], offset[:, G] = group_params(W[:, j:j + group_size], bits, scale_dtype)
+            s, o = scale[:, G:G + 1], offset[:, G:G + 1]       # (out, 1)
+            q = round_to_grid(W1[:, i:i + 1], s, o, bits)      # (out, 1)
             codes[:, j:j + 1] = q
-            e = (W1[:, i] - s[:, 0] * (q[:, 0].float() - z[:, 0])) / U1[i, i]  # (out,)
+            e = (W1[:, i] - (s[:, 0] * q[:, 0].float() + o[:, 0])) / U1[i, i]  # (out,)
             W1[:, i + 1:] -= e[:, None] * U1[i, i + 1:][None, :]
             E1[:, i] = e
         W[:, b1:] -= E1 @ U[b0:b1, b1:]                        # (out, block) @ (block, later)
     if act_order:
         codes = codes[:, torch.argsort(perm)]
-    return GroupCodes(codes, scale, zero)
+    return GroupCodes(codes, scale, offset)
 
 
 def _inverse_cholesky_upper(H: Tensor, damp: float) -> Tensor:
@@ -213,7 +211,7 @@ def _no_cache(model: nn.Module) -> dict:
 def quantize_gptq_(
     model: nn.Module, batches: Iterable[Tensor], bits: int = 4, group_size: int = 128, *,
     target_modules: Patterns = "all-linear", exclude_modules: Patterns = None, act_order: bool = False,
-    block_size: int = 128, damp: float = 0.01, sequential: bool = True,
+    block_size: int = 128, damp: float = 0.01, sequential: bool = True, scale_dtype: torch.dtype | None = None,
 ) -> dict[str, GroupCodes]:
     """GPTQ every selected ``nn.Linear`` on the calibration `batches` (input_ids (B, T)); write W_q back.
 
@@ -231,7 +229,8 @@ def quantize_gptq_(
     batches = list(batches)
     if not batches:
         raise ValueError("batches is empty: pass calibration input_ids, e.g. 16 sequences of 256 tokens")
-    gptq = dict(bits=bits, group_size=group_size, block_size=block_size, damp=damp, act_order=act_order)
+    gptq = dict(bits=bits, group_size=group_size, block_size=block_size, damp=damp, act_order=act_order,
+                scale_dtype=scale_dtype)
     result = {}
     if not sequential:
         for name, H in collect_hessians(model, batches, names).items():

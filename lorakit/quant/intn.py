@@ -3,16 +3,28 @@
 A weight W (out, in) is quantized per output row in groups of `group_size` consecutive input
 columns (in % group_size == 0). For row i and group G = j // group_size:
 
-    W_q[i, j] = scale[i, G] · (q[i, j] − zero[i, G]),   q ∈ {0, …, 2^bits − 1},  bits ∈ {2, 3, 4, 5, 8}
+    W_q[i, j] = scale[i, G] · q[i, j] + offset[i, G],   q ∈ {0, …, 2^bits − 1},  bits ∈ {2, 3, 4, 5, 8}
 
-with float32 `scale` and float32 `zero` (a float zero, so an offset can move by any amount: that
-is what makes QA-LoRA's merge exact). Round-to-nearest (RTN) min-max quantization of a group x:
+with float32 `scale` and float32 `offset`. The paper writes the same grid as scale · (q − zero);
+offset = −scale · zero is the float zero-point in weight units, and it is llama.cpp's Q4_1 / Q5_1
+block exactly (w = d · q + m: scale = d, offset = m), computed in the same float32 operations, so
+a GGUF tensor loads with its own codes and dequantizes bit for bit as llama.cpp does. A float
+offset can move by any amount: that is what makes QA-LoRA's merge exact. Round-to-nearest (RTN)
+min-max quantization of a group x:
 
-    scale = (max x − min x) / (2^bits − 1),  zero = −min x / scale,  q = clamp(round(x / scale + zero))
+    scale = (max x − min x) / (2^bits − 1),  offset = min x,  q = clamp(round((x − offset) / scale))
 
 so the group's min and max are on the grid (q = 0 and q = 2^bits − 1). A constant group takes
-scale = 1, zero = −x (exact). A QA-LoRA update that is constant inside each group,
-ΔW[i, j] = δ[i, G], merges by moving only the zeros: zero[i, G] ← zero[i, G] − δ[i, G] / scale[i, G].
+scale = 1, offset = x, q = 0 (exact). A QA-LoRA update that is constant inside each group,
+ΔW[i, j] = δ[i, G], merges by moving only the offsets: offset[i, G] ← offset[i, G] + δ[i, G].
+
+Deployment precision: a format that stores scale and offset in float16 (llama.cpp's Q4_1 / Q5_1)
+cannot hold a merged offset m + δ exactly; it holds fp16(m + δ). An update smaller than half an fp16
+ulp of m (2^-12 · |m|) vanishes there, and a short fine-tune's updates are mostly that small (measured on
+SmolLM2's Q4_1 file: 99% of the offsets unchanged after rounding). `offset_dtype` (None, or
+torch.float16) records that precision: QA-LoRA then trains against fp16(m + δ) − m with a
+straight-through gradient (`LoraLayer`), so the model it trains is the file it exports.
+`scale_dtype=torch.float16` in `from_float` rounds scale and offset to fp16 first (llama.cpp's layout).
 
 Storage: the codes are a bit stream, `bits` bits per weight, least significant bit first, in
 row-major order (`pack_codes` / `unpack_codes`); 2, 4 and 8 bits take a fast path.
@@ -73,23 +85,40 @@ def unpack_codes(packed: Tensor, bits: int, n: int) -> Tensor:
     return (bit_values << torch.arange(bits, device=packed.device, dtype=torch.int32)).sum(dim=1).to(torch.uint8)
 
 
-def minmax_params(w: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor]:
-    """RTN min-max scale and zero of each (row, group) of w (out, in): two float32 (out, in/g)."""
+def minmax_params(w: Tensor, bits: int, group_size: int,
+                  scale_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """RTN min-max scale and offset of each (row, group) of w (out, in): two float32 (out, in/g).
+
+    `scale_dtype` (e.g. torch.float16): both are rounded to values of that dtype (held in float32);
+    a scale that would round to 0 takes the dtype's smallest positive value."""
     out_features, in_features = w.shape
     groups = w.float().view(out_features, in_features // group_size, group_size)
     lo, hi = groups.amin(dim=2), groups.amax(dim=2)
     flat = hi == lo
     scale = torch.where(flat, torch.ones_like(lo), (hi - lo) / (2**bits - 1))
-    zero = -lo / scale
-    return scale, zero
+    if scale_dtype is not None and scale_dtype != torch.float32:
+        info = torch.finfo(scale_dtype)
+        tiny = info.smallest_normal * info.eps  # the smallest positive (subnormal) value
+        scale = scale.to(scale_dtype).float().clamp_(min=tiny)
+        lo = lo.to(scale_dtype).float()
+    return scale, lo
 
 
-def round_to_grid(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
-    """q = clamp(round(w / scale + zero), 0, 2^bits − 1) per group: uint8 (out, in)."""
+def round_to_grid(w: Tensor, scale: Tensor, offset: Tensor, bits: int) -> Tensor:
+    """q = clamp(round((w − offset) / scale), 0, 2^bits − 1) per group: uint8 (out, in)."""
     out_features, in_features = w.shape
     g = in_features // scale.shape[1]
-    x = w.float().view(out_features, -1, g) / scale[..., None] + zero[..., None]
+    x = (w.float().view(out_features, -1, g) - offset[..., None]) / scale[..., None]
     return x.round_().clamp_(0, 2**bits - 1).to(torch.uint8).view(out_features, in_features)
+
+
+def dequantize_grid(q: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
+    """W_q = scale · q + offset, float32 (out, in), from codes (out, in) and (out, in/g) scale, offset.
+
+    The one place the grid is evaluated, in llama.cpp's order (a float32 product, then the add)."""
+    out_features, in_features = q.shape
+    w = q.view(out_features, scale.shape[1], -1).float().mul_(scale[..., None]).add_(offset[..., None])
+    return w.view(out_features, in_features)
 
 
 class IntNWeight(PackedWeight):
@@ -97,14 +126,15 @@ class IntNWeight(PackedWeight):
 
     Buffers (n = out·in):
         codes: uint8 (ceil(n·bits/8),)   q, bit-packed (`pack_codes`)
-        scale: float32 (out, in/group_size)
-        zero:  float32 (out, in/group_size)   float offsets in code units
+        scale:  float32 (out, in/group_size)
+        offset: float32 (out, in/group_size)   in weight units (W = scale · q + offset)
     `dtype` is the dtype `dequantize()` returns by default (the original weight's).
     """
 
     def __init__(self, out_features: int, in_features: int, bits: int = 4, group_size: int = 32,
-                 dtype: torch.dtype = torch.float32, device=None) -> None:
+                 dtype: torch.dtype = torch.float32, device=None, offset_dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        self.offset_dtype = offset_dtype  # the precision offsets are deployed in (None: float32, exact)
         self.bits = check_bits(bits)
         self.group_size = check_group_size(group_size, in_features)
         self.shape = torch.Size((out_features, in_features))
@@ -112,49 +142,63 @@ class IntNWeight(PackedWeight):
         n_groups = in_features // group_size
         self.register_buffer("codes", torch.zeros((out_features * in_features * bits + 7) // 8, dtype=torch.uint8, device=device))
         self.register_buffer("scale", torch.ones(out_features, n_groups, device=device))
-        self.register_buffer("zero", torch.zeros(out_features, n_groups, device=device))
+        self.register_buffer("offset", torch.zeros(out_features, n_groups, device=device))
 
     @classmethod
-    def from_codes(cls, codes: Tensor, scale: Tensor, zero: Tensor, bits: int, dtype: torch.dtype = torch.float32) -> IntNWeight:
-        """From unpacked codes uint8 (out, in) and float (out, in/g) scale and zero (e.g. GPTQ's)."""
+    def from_codes(cls, codes: Tensor, scale: Tensor, offset: Tensor, bits: int,
+                   dtype: torch.dtype = torch.float32, offset_dtype: torch.dtype | None = None) -> IntNWeight:
+        """From unpacked codes uint8 (out, in) and float (out, in/g) scale and offset (GPTQ's, a GGUF file's)."""
         out_features, in_features = codes.shape
-        if scale.shape != zero.shape or scale.shape[0] != out_features or in_features % scale.shape[1]:
-            raise ValueError(f"scale {tuple(scale.shape)} and zero {tuple(zero.shape)} do not fit codes {tuple(codes.shape)}")
+        if scale.shape != offset.shape or scale.shape[0] != out_features or in_features % scale.shape[1]:
+            raise ValueError(f"scale {tuple(scale.shape)} and offset {tuple(offset.shape)} do not fit "
+                             f"codes {tuple(codes.shape)}")
         if int(codes.max()) >= 2**bits:
             raise ValueError(f"codes reach {int(codes.max())}, beyond {bits}-bit range [0, {2**bits - 1}]")
-        weight = cls(out_features, in_features, bits, in_features // scale.shape[1], dtype, codes.device)
+        weight = cls(out_features, in_features, bits, in_features // scale.shape[1], dtype, codes.device, offset_dtype)
         weight.codes = pack_codes(codes, bits)
         weight.scale = scale.float().contiguous()
-        weight.zero = zero.float().contiguous()
+        weight.offset = offset.float().contiguous()
         return weight
 
     @classmethod
-    def from_float(cls, w: Tensor, bits: int = 4, group_size: int = 32) -> IntNWeight:
-        """Round-to-nearest min-max quantization of w (out, in)."""
+    def from_float(cls, w: Tensor, bits: int = 4, group_size: int = 32,
+                   scale_dtype: torch.dtype = torch.float32) -> IntNWeight:
+        """Round-to-nearest min-max quantization of w (out, in); scale and offset in `scale_dtype`'s values."""
         if w.dim() != 2:
             raise ValueError(f"expected a 2-D (out, in) weight, got shape {tuple(w.shape)}")
         check_bits(bits)
         check_group_size(group_size, w.shape[1])
-        scale, zero = minmax_params(w.detach(), bits, group_size)
-        return cls.from_codes(round_to_grid(w.detach(), scale, zero, bits), scale, zero, bits, w.dtype)
+        scale, offset = minmax_params(w.detach(), bits, group_size, scale_dtype)
+        offset_dtype = None if scale_dtype == torch.float32 else scale_dtype
+        return cls.from_codes(round_to_grid(w.detach(), scale, offset, bits), scale, offset, bits, w.dtype, offset_dtype)
 
     def q(self) -> Tensor:
         """The integer codes, uint8 (out, in)."""
         return unpack_codes(self.codes, self.bits, self.shape.numel()).view(self.shape)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        """W_q = scale · (q − zero), (out, in), computed in float32 and cast once."""
-        out_features, in_features = self.shape
-        q = self.q().view(out_features, -1, self.group_size).float()
-        w = (q - self.zero[..., None]).mul_(self.scale[..., None])
-        return w.view(self.shape).to(dtype or self.dtype)
+        """W_q = scale · q + offset, (out, in), computed in float32 and cast once."""
+        return dequantize_grid(self.q(), self.scale, self.offset).to(dtype or self.dtype)
 
-    def shift_zero_(self, delta: Tensor) -> None:
-        """Add δ (out, in/g), a per-group constant update in weight units: zero ← zero − δ / scale."""
-        if delta.shape != self.zero.shape:
-            raise ValueError(f"a group-constant update must be {tuple(self.zero.shape)}, got {tuple(delta.shape)}")
-        self.zero.sub_(delta.float() / self.scale)
+    def moved_offset(self, delta: Tensor) -> Tensor:
+        """The offset change a merge of δ (out, in/g) really makes, float32 (out, in/g):
+        δ itself, or fp16(m + δ) − m when offsets are deployed in `offset_dtype`. Differentiable in δ
+        with a straight-through gradient (d/dδ = 1)."""
+        if self.offset_dtype is None:
+            return delta
+        moved = (self.offset + delta.detach()).to(self.offset_dtype).float() - self.offset
+        return delta + (moved - delta).detach()
+
+    def shift_offset_(self, delta: Tensor) -> None:
+        """Add δ (out, in/g), a per-group constant update in weight units: offset ← offset + δ
+        (rounded to `offset_dtype`'s values when set)."""
+        if delta.shape != self.offset.shape:
+            raise ValueError(f"a group-constant update must be {tuple(self.offset.shape)}, got {tuple(delta.shape)}")
+        self.offset.add_(delta.to(self.offset))
+        if self.offset_dtype is not None:  # what the deployed format holds (and what QA-LoRA trained against)
+            self.offset.copy_(self.offset.to(self.offset_dtype))
 
     def extra_repr(self) -> str:
+        extra = "" if self.offset_dtype is None else f", offset_dtype={str(self.offset_dtype).removeprefix('torch.')}"
         return (f"shape={tuple(self.shape)}, bits={self.bits}, group_size={self.group_size}, "
-                f"bits_per_param={self.bits_per_param:.3f}")
+                f"bits_per_param={self.bits_per_param:.3f}{extra}")

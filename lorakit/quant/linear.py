@@ -74,7 +74,8 @@ class QuantizedLinear(nn.Module):
         if hasattr(config, "bits"):  # IntNConfig: group-wise INT-N (QA-LoRA's base)
             from lorakit.quant.intn import IntNWeight
 
-            weight = IntNWeight.from_float(linear.weight.detach(), config.bits, config.group_size)
+            weight = IntNWeight.from_float(linear.weight.detach(), config.bits, config.group_size,
+                                           getattr(torch, getattr(config, "scale_dtype", "float32")))
         else:
             weight = weight_class(config.quant_type).from_float(
                 linear.weight.detach(), config.block_size, config.double_quant, config.double_quant_block_size,

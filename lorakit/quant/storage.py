@@ -1,7 +1,7 @@
 """The plumbing every quantized weight module shares (`PackedWeight`), and what `module.to(...)`
 means for one: device moves apply to its buffers, float casts (`model.half()`,
 `model.to(torch.bfloat16)`) only change the dtype it dequantizes to. Its float32 constants
-(absmax, scale, zero) are part of the format and keep their precision."""
+(absmax, scale, offset) are part of the format and keep their precision."""
 
 from __future__ import annotations
 

@@ -42,17 +42,17 @@ def output_error(x: torch.Tensor, w: torch.Tensor, codes: GroupCodes) -> float:
 @pytest.mark.parametrize("group_size", [16, 32, 64])
 def test_rtn_is_on_the_grid(bits, group_size):
     w = torch.randn(24, 64, generator=torch.Generator().manual_seed(bits))
-    codes, scale, zero = rtn_codes(w, bits, group_size)
+    codes, scale, offset = rtn_codes(w, bits, group_size)
     assert codes.dtype == torch.uint8 and codes.shape == w.shape
-    assert scale.shape == zero.shape == (24, 64 // group_size) and scale.dtype == zero.dtype == torch.float32
+    assert scale.shape == offset.shape == (24, 64 // group_size) and scale.dtype == offset.dtype == torch.float32
     assert int(codes.max()) <= 2**bits - 1
     g = torch.arange(64) // group_size
-    expected = scale[:, g] * (codes.float() - zero[:, g])
-    assert torch.equal(dequantize_codes(GroupCodes(codes, scale, zero)), expected)
+    expected = scale[:, g] * codes.float() + offset[:, g]
+    assert torch.equal(dequantize_codes(GroupCodes(codes, scale, offset)), expected)
     # min-max: each group's extremes are on the grid; every weight is within half a step
     assert (w - expected).abs().le(scale[:, g] / 2 * (1 + 1e-5)).all()
-    s, z = group_params(w[:, :group_size], bits)
-    assert torch.equal(s, scale[:, 0]) and torch.equal(z, zero[:, 0])
+    s, o = group_params(w[:, :group_size], bits)
+    assert torch.equal(s, scale[:, 0]) and torch.equal(o, offset[:, 0])
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -63,11 +63,11 @@ def test_rtn_of_an_on_grid_weight_gives_back_its_codes(bits):
     q[..., 0], q[..., 1] = 0, 2**bits - 1  # each group spans the grid, so min-max finds its scale again
     q = q.view(out, n_groups * g)
     scale = torch.rand(out, n_groups, generator=gen) * 0.1 + 0.01
-    zero = torch.rand(out, n_groups, generator=gen) * (2**bits - 1)
-    w = dequantize_codes(GroupCodes(q, scale, zero))
+    offset = torch.randn(out, n_groups, generator=gen)
+    w = dequantize_codes(GroupCodes(q, scale, offset))
     again = rtn_codes(w, bits, g)
     assert torch.equal(again.codes, q)
-    torch.testing.assert_close(dequantize_codes(again), w, rtol=1e-5, atol=1e-6)  # float32 rounding of scale, zero
+    torch.testing.assert_close(dequantize_codes(again), w, rtol=1e-5, atol=1e-6)  # float32 rounding of scale, offset
 
 
 def test_a_constant_group_is_exact():

@@ -37,8 +37,8 @@ def test_rtn_grid_and_round_trip(bits, group_size):
     codes, wq = q.q(), q.dequantize()
     assert int(codes.max()) <= 2**bits - 1
     scale = q.scale.repeat_interleave(group_size, 1)
-    zero = q.zero.repeat_interleave(group_size, 1)
-    torch.testing.assert_close(wq, scale * (codes.float() - zero), rtol=0, atol=0)  # on the grid, exactly
+    offset = q.offset.repeat_interleave(group_size, 1)
+    torch.testing.assert_close(wq, scale * codes.float() + offset, rtol=0, atol=0)  # on the grid, exactly
     # each group's min and max are on the grid ends; the error of RTN is at most half a step
     assert ((wq - w).abs() <= scale / 2 + 1e-6).all()
     again = IntNWeight.from_float(wq, bits, group_size)  # quantize(dequantize(q)) reproduces the codes
@@ -51,15 +51,15 @@ def test_constant_group_is_exact():
     assert torch.equal(q.dequantize(), w)
 
 
-def test_zero_shift_moves_group_offsets_only():
+def test_offset_shift_moves_group_offsets_only():
     q = IntNWeight.from_float(torch.randn(4, 64), 3, 32)
     codes, scale, before = q.q().clone(), q.scale.clone(), q.dequantize()
     delta = torch.randn(4, 2)
-    q.shift_zero_(delta)
+    q.shift_offset_(delta)
     assert torch.equal(q.q(), codes) and torch.equal(q.scale, scale)
     torch.testing.assert_close(q.dequantize(), before + delta.repeat_interleave(32, 1), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="group-constant"):
-        q.shift_zero_(torch.zeros(4, 64))
+        q.shift_offset_(torch.zeros(4, 64))
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -87,6 +87,6 @@ def test_float_cast_keeps_format_and_state_dict_round_trips(tmp_path):
 
 def test_minmax_matches_round_to_grid_extremes():
     w = torch.randn(3, 64)
-    scale, zero = minmax_params(w, 4, 32)
-    q = round_to_grid(w, scale, zero, 4).view(3, 2, 32)
+    scale, offset = minmax_params(w, 4, 32)
+    q = round_to_grid(w, scale, offset, 4).view(3, 2, 32)
     assert (q.amin(-1) == 0).all() and (q.amax(-1) == 15).all()

@@ -1,0 +1,201 @@
+"""The side outputs of a training run: a progress line for people and a metrics log for programs.
+
+The training loop calls ``bar.update(...)`` and ``log.log(...)`` once per step with numbers it
+already has; neither reaches into the step, and both can be dropped without changing training.
+
+``ProgressBar`` redraws one line in place (``\\r``) on a terminal. Anywhere else (CI, a file, a
+pipe) it prints a plain line every ``max(1, total_steps // 20)`` steps and at the last step, so a
+log holds about 20 lines per run. The ETA is
+
+    ETA = (total_steps - step) * mean step time over the last ``_WINDOW`` steps,
+
+so it follows a run that speeds up after warm-up (compilation, caches) instead of averaging the
+slow start into every later estimate.
+
+``MetricsLog`` appends one JSON object per line (JSONL) and fsyncs each line, so a SIGKILL loses
+at most the line being written. ``read_metrics`` ignores that torn last line. A resumed run opens
+the log with ``truncate_after_step=k`` (the step of the checkpoint it resumes from), which drops
+the records written after that checkpoint, so no step appears twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, TextIO
+
+from lorakit.io import write_text
+
+_WINDOW = 20  # steps in the moving average behind the ETA
+_TTY_REDRAW_S = 0.1  # a terminal line is redrawn at most this often (except the last step)
+
+
+def _hms(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-:--:--"
+    seconds = max(0, round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class ProgressBar:
+    """Progress of `total_steps` optimizer steps on `stream`; `enabled=False` writes nothing."""
+
+    def __init__(self, total_steps: int, stream: TextIO = sys.stderr, enabled: bool = True, width: int = 30):
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps={total_steps!r}: the progress bar needs a positive whole number of steps")
+        if width < 1:
+            raise ValueError(f"width={width!r}: the bar needs at least 1 character")
+        self.total_steps, self.stream, self.enabled, self.width = total_steps, stream, enabled, width
+        isatty = getattr(stream, "isatty", None)
+        self.tty = bool(isatty and isatty())
+        self.every = max(1, total_steps // 20)  # plain-line interval when not a terminal
+        self._start = time.monotonic()
+        self._window: deque[tuple[float, int]] = deque(maxlen=_WINDOW + 1)  # (time, step)
+        self._last_draw = -math.inf
+        self._drawn_width = 0  # characters of the line now on the terminal
+        self._pending: str | None = None  # a plain line not yet printed (the run stopped between intervals)
+        self._closed = False
+
+    def update(self, step: int, loss: float, tokens_per_s: float, lr: float | None = None) -> None:
+        """Report that optimizer step `step` (1-based) finished with this loss and throughput."""
+        if not self.enabled or self._closed:
+            return
+        now = time.monotonic()
+        if not self._window:  # the first step reported (1, or k + 1 on resume) ran since construction
+            self._window.append((self._start, step - 1))
+        self._window.append((now, step))
+        fields = self._fields(step, loss, tokens_per_s, lr, now)
+        last = step >= self.total_steps
+        if self.tty:
+            if last or now - self._last_draw >= _TTY_REDRAW_S:
+                self._draw(fields, step)
+                self._last_draw = now
+        elif last or step % self.every == 0:
+            self._write(fields + "\n")
+            self._pending = None
+        else:
+            self._pending = fields
+
+    def close(self, summary: str | None = None) -> None:
+        """End the progress line (printing the last state if it was not shown) and print `summary`."""
+        if not self.enabled or self._closed:
+            return
+        self._closed = True
+        if self.tty and self._drawn_width:
+            self._write("\n")
+        elif self._pending is not None:
+            self._write(self._pending + "\n")
+        if summary:
+            self._write(summary + "\n")
+
+    def _fields(self, step: int, loss: float, tokens_per_s: float, lr: float | None, now: float) -> str:
+        (t0, s0), (t1, s1) = self._window[0], self._window[-1]
+        eta = (self.total_steps - step) * (t1 - t0) / (s1 - s0) if s1 > s0 else None
+        parts = [f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}", f"loss {loss:.4f}"]
+        if lr is not None:
+            parts.append(f"lr {lr:.2e}")
+        parts += [f"{tokens_per_s:,.0f} tok/s", f"elapsed {_hms(now - self._start)}", f"ETA {_hms(eta)}"]
+        return " | ".join(parts)
+
+    def _draw(self, fields: str, step: int) -> None:
+        fraction = min(max(step / self.total_steps, 0.0), 1.0)
+        filled = int(fraction * self.width)
+        bar = "#" * filled + "." * (self.width - filled)
+        line = f"{fraction:4.0%} [{bar}] {fields}"
+        # Pad with spaces over the rest of a longer previous line.
+        self._write("\r" + line + " " * max(0, self._drawn_width - len(line)))
+        self._drawn_width = len(line)
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+
+
+class MetricsLog:
+    """Append-only JSONL metrics: one ``{"step": ..., "time": ..., **fields}`` object per line.
+
+    ``time`` is wall-clock Unix seconds, so records from a run and its resumption line up.
+    Non-finite floats are written as ``NaN`` / ``Infinity``, which Python's ``json`` (and so
+    ``read_metrics``) reads back; a NaN loss is a result worth keeping, not a value to hide.
+    """
+
+    def __init__(self, path: str | os.PathLike, truncate_after_step: int | None = None):
+        self.path = Path(path).expanduser()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if truncate_after_step is not None:
+            kept = [line for line, record in _complete_lines(self.path) if record["step"] <= truncate_after_step]
+            write_text(self.path, "".join(kept))
+        else:
+            _drop_torn_tail(self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def log(self, step: int, **fields: Any) -> dict[str, Any]:
+        """Append one record and fsync it; returns the record written."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step={step!r}: a metrics record needs a non-negative whole step number")
+        if "time" in fields:
+            raise ValueError("'time' is set by MetricsLog (wall-clock seconds); name the field differently")
+        record = {"step": step, "time": round(time.time(), 3), **fields}
+        line = json.dumps(record, default=_json_scalar) + "\n"
+        self._file.write(line)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        return record
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a metrics log, in order; a torn last line (the writer was killed) is ignored."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics log not found: {path}")
+    return [record for _, record in _complete_lines(path)]
+
+
+def _complete_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) for each newline-terminated line; a missing file has none."""
+    if not path.exists():
+        return []
+    # The last piece is "" after a final newline, else a torn line: each record is written
+    # together with its newline, so an unterminated line is one the writer did not finish.
+    lines = [piece + "\n" for piece in path.read_bytes().decode("utf-8", errors="replace").split("\n")[:-1]]
+    out = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"metrics log {path} line {number} is not JSON ({e}); "
+                             f"the file was edited or corrupted") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(f"metrics log {path} line {number} has no integer 'step': {line.strip()[:80]}")
+        out.append((line, record))
+    return out
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut an unterminated last line left by a killed writer, so the next record starts on its own line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        os.truncate(path, data.rfind(b"\n") + 1)
+
+
+def _json_scalar(value: Any) -> Any:
+    """NumPy scalars and one-element tensors (``loss`` before ``.item()``) as plain numbers."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"metrics field value {value!r} of type {type(value).__name__} is not a JSON number or string")
