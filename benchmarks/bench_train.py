@@ -8,7 +8,7 @@ loss-bearing ones (response tokens, not padding, not prompts). Throughput = usef
 time (data preparation and model loading excluded for both; evaluation and checkpoints off).
 
     transformers.Trainer: what its users get by default (random batches padded to the longest), and with
-        group_by_length=True;
+        train_sampling_strategy="group_by_length";
     lorakit train: length-grouped batches, its adapter layers and the fused chunked cross-entropy.
 
     python benchmarks/bench_train.py [--steps 24]
@@ -85,7 +85,8 @@ def run_hf(data: Path, out: Path, args, group_by_length: bool) -> dict:
     targs = transformers.TrainingArguments(
         output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=2e-4,
         warmup_steps=2, lr_scheduler_type="cosine", report_to=[], save_strategy="no", use_cpu=True,
-        logging_steps=args.steps, disable_tqdm=True, group_by_length=group_by_length, seed=0,
+        logging_steps=args.steps, disable_tqdm=True, seed=0,
+        train_sampling_strategy="group_by_length" if group_by_length else "random",
         dataloader_num_workers=0, remove_unused_columns=False,
     )
     trainer = transformers.Trainer(model=model, args=targs, train_dataset=rows, data_collator=collate,
@@ -106,7 +107,7 @@ def main() -> None:
     data = make_data(work / "train.jsonl")
     results = {
         "transformers.Trainer + peft": run_hf(data, work / "hf", args, group_by_length=False),
-        "transformers.Trainer + peft, group_by_length": run_hf(data, work / "hf-grouped", args, group_by_length=True),
+        "transformers.Trainer + peft, group_by_length sampler": run_hf(data, work / "hf-grouped", args, group_by_length=True),
         "lorakit train": run_lorakit(data, work / "lorakit", args),
     }
     base = results["transformers.Trainer + peft"]["useful_tokens_per_s"]

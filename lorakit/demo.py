@@ -45,7 +45,8 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int = 40, progress: bool 
     t0 = time.perf_counter()
     config = load_config(None, [f"output_dir={out / 'run'}", "method=qalora", f"train.steps={steps}",
                                 "train.batch_size=8", "train.lr=1e-3", "train.warmup_steps=4",
-                                f"train.eval_every={steps}", f"train.save_every={steps}", "data.max_tokens=96"])
+                                f"train.eval_every={max(1, steps // 4)}", f"train.save_every={steps}",
+                                "data.max_tokens=96"])
     say = print if progress else (lambda *a, **k: None)
     source = default_gguf_path()
     say(f"[1/5] base: {source.name} ({source.stat().st_size / 2**20:.1f} MB), loaded on its own Q4_1 codes")

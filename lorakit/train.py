@@ -174,7 +174,7 @@ def default_datasets():
 
     def dataset(modules):
         pairs = docstring_pairs(modules)
-        rows = [{"instruction": q, "output": a} for q, a in pairs]
+        rows = [{"instruction": q, "input": "", "output": a} for q, a in pairs]
         return Dataset("stdlib docstrings", "instruction", rows, list(range(1, len(rows) + 1)), "row")
 
     return dataset(TRAIN_MODULES), dataset(VALID_MODULES)

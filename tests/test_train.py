@@ -143,3 +143,15 @@ def test_eval_generate_merge_export_read_the_run_back(assets, tmp_path):
     assert out.returncode == 0 and (tmp_path / "peft" / "adapter_config.json").is_file()
     out = cli("export", str(run), "--format", "gguf", "--out", str(tmp_path / "x.gguf"))
     assert out.returncode == 2 and "template" in out.stderr  # a Hugging Face base has no GGUF layout to write into
+
+
+def test_the_default_dataset_renders_with_held_out_modules(assets):
+    import transformers
+
+    from lorakit.train import load_examples
+
+    model_dir, _ = assets
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    train_examples, valid_examples, stats = load_examples(load_config(None, []), tok)
+    assert stats["shape"] == "instruction" and len(train_examples) > 200 and len(valid_examples) > 30
+    assert all(any(y != -100 for y in e.labels) for e in train_examples)
