@@ -105,22 +105,27 @@ def test_llama_cpp_runs_the_fine_tuned_file_and_the_adapter(src, valid_rows, tmp
     lorakit.export_gguf(model, tmp_path / "ft.gguf")
     ft = llama_logits(tmp_path / "ft.gguf", seqs)
     with_adapter = llama_logits(src, seqs, lora=tmp_path / "adapter.gguf")
-    # llama.cpp's own arithmetic (activations quantized to 8 bits per 32 against Q4_1 blocks) separates it from a
-    # float32 forward even on the untouched base file (measured there: 98.2-98.5% top-1 agreement, 2% perplexity).
-    # On fine-tuned files it agrees less often (measured 94.8-96.7%, below the 99%), though the file holds
-    # exactly the merged model's weights (test_gguf_io, and the export report's error 0); why llama.cpp drifts more
-    # there is not established. Checked: agreement stays in the measured range, and the mean logit difference is
-    # no larger than llama.cpp's own on the base file.
+    # llama.cpp's own arithmetic (activations quantized to 8 bits per 32 against Q4_1 blocks) flips near-ties: on
+    # the untouched base file its plain top-1 agreement with a float32 forward is only ~97-98.5%, and every
+    # disagreement measured was at a position whose top-2 logits are within 0.5 of each other (median 0.07).
+    # So: where lorakit's top-1 leads by more than 0.5, llama.cpp must agree (>= 99%) on the fine-tuned file and
+    # on base + adapter, and the mean logit difference must be no larger than llama.cpp's own on the base file.
     base_model, _ = lorakit.load_gguf(src, tokenizer=False)
     with torch.no_grad():
         base_ours = [base_model(torch.tensor(s)[None]).logits[0].numpy() for s in seqs]
     base = llama_logits(src, seqs)
-    assert top1_agreement(base, base_ours) >= 0.95
-    assert top1_agreement(ft, merged) >= 0.93
-    assert top1_agreement(with_adapter, unmerged) >= 0.92
+
+    def clear_agreement(theirs, ours, margin=0.5):
+        o, t = np.concatenate(ours), np.concatenate(theirs)
+        top2 = np.partition(o, -2, axis=-1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > margin
+        return float((o.argmax(-1) == t.argmax(-1))[clear].mean())
 
     def noise(a, b):
         return np.mean([np.abs(x - y).mean() for x, y in zip(a, b)])
 
+    assert top1_agreement(base, base_ours) >= 0.95
+    assert clear_agreement(ft, merged) >= 0.99 and top1_agreement(ft, merged) >= 0.93
+    assert clear_agreement(with_adapter, unmerged) >= 0.99 and top1_agreement(with_adapter, unmerged) >= 0.92
     assert noise(ft, merged) <= 1.5 * noise(base, base_ours)
     assert noise(with_adapter, unmerged) <= 1.5 * noise(base, base_ours)
