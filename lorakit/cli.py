@@ -151,8 +151,9 @@ def load_base(base: str | None, *, quantized: bool = True, tokenizer: bool = Tru
     embedded default model's GGUF)."""
     import lorakit
     from lorakit.models.default import default_gguf_path, load_causal_lm
+    from lorakit.train import is_gguf
 
-    if base is None or base.lower().endswith(".gguf"):
+    if is_gguf(base):
         return lorakit.load_gguf(default_gguf_path() if base is None else base, quantized=quantized, tokenizer=tokenizer)
     return load_causal_lm(base)
 
@@ -160,11 +161,13 @@ def load_base(base: str | None, *, quantized: bool = True, tokenizer: bool = Tru
 def cmd_export(args: argparse.Namespace) -> int:
     import lorakit
 
+    from lorakit.train import is_gguf
+
     if args.run:  # a finished `lorakit train` run: its config.yaml names the base and method
         model, tokenizer, config = load_run(args.run)
         adapter = Path(args.run) / "adapter"
         qalora = config.method == "qalora"
-        if args.template is None and _is_gguf(config.model.path):
+        if args.template is None and is_gguf(config.model.path):
             from lorakit.models.default import default_gguf_path
 
             args.template = config.model.path or default_gguf_path()
@@ -224,10 +227,6 @@ def load_run(run_dir: str, *, dtype=None):
     from lorakit.train import load_trained
 
     return load_trained(run_dir, dtype=dtype)
-
-
-def _is_gguf(path) -> bool:
-    return path is None or str(path).lower().endswith(".gguf")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -51,6 +51,7 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int = 40, progress: bool 
     source = default_gguf_path()
     say(f"[1/5] base: {source.name} ({source.stat().st_size / 2**20:.1f} MB), loaded on its own Q4_1 codes")
     model, tokenizer = load_model(config)
+    train_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     _, valid, _ = load_examples(config, tokenizer)
     pad = pad_id_of(tokenizer)
     ppl_before = math.exp(evaluate(model, valid, pad))
@@ -61,7 +62,7 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int = 40, progress: bool 
 
     say(f"[2/5] QA-LoRA fine-tune: r={config.adapter.r}, group_size={config.adapter.group_size}, {steps} steps")
     result = train(config, progress=progress, model=model, tokenizer=tokenizer)
-    ppl_after = math.exp(evaluate(model, valid, pad))
+    ppl_after = result.valid_ppl_after  # the trainer validates at its last step
     say(f"[3/5] validation perplexity {ppl_before:.3f} -> {ppl_after:.3f}")
 
     say("[4/5] lossless merge into the Q4_1 offsets, GGUF export")
@@ -78,14 +79,15 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int = 40, progress: bool 
         say(f"      Q: {q}\n      A: {a}")
 
     run = result.run_dir
+    compute = str(train_dtype).removeprefix("torch.")
     lines = [
         "# lorakit demo", "",
         f"Base: `{source}` (SmolLM2-135M-Instruct, Q4_1), fine-tuned with QA-LoRA on its own 4-bit codes "
         f"(r={config.adapter.r}, group_size={config.adapter.group_size}, {steps} steps of {config.train.batch_size} "
         "questions about standard-library functions; validation: modules never trained on).", "",
         "| | validation perplexity |", "|---|---:|",
-        f"| base | {ppl_before:.3f} |", f"| after QA-LoRA (adapter) | {ppl_after:.3f} |",
-        f"| merged into the Q4_1 offsets | {merged_ppl:.3f} |", "",
+        f"| base ({compute} compute) | {ppl_before:.3f} |", f"| after QA-LoRA, adapter ({compute} compute) | {ppl_after:.3f} |",
+        f"| merged into the Q4_1 offsets (float32 compute, as exported) | {merged_ppl:.3f} |", "",
         f"GGUF export: {report.counts()}; largest weight difference from the trained model: "
         f"{report.max_abs_error:.3g} (0 means the file is exactly the trained model).", "",
         "## Answers", "",

@@ -71,7 +71,7 @@ def load_model(config, *, dtype: torch.dtype | None = None, calibration=None):
     dtype = dtype or resolve_compute_dtype(config.model.dtype)
     path = config.model.path
     method = config.method
-    if path is None or str(path).lower().endswith(".gguf"):
+    if is_gguf(path):
         source = default_gguf_path() if path is None else Path(path).expanduser()
         model, tokenizer = lorakit.load_gguf(source, dtype, quantized=method == "qalora")
         if method == "qalora":
@@ -92,15 +92,24 @@ def load_model(config, *, dtype: torch.dtype | None = None, calibration=None):
     return model, tokenizer
 
 
+def is_gguf(path) -> bool:
+    """A model path that names a GGUF file (None: the embedded default model, a GGUF file too)."""
+    return path is None or str(path).lower().endswith(".gguf")
+
+
+def _calibration(config) -> list[torch.Tensor] | None:
+    """GPTQ calibration batches from the training data, when `config` quantizes a Hugging Face model with GPTQ."""
+    if config.method != "qalora" or config.adapter.quant_method != "gptq" or is_gguf(config.model.path):
+        return None
+    from lorakit.models.default import load_causal_lm
+
+    _, tok = load_causal_lm(config.model.path)
+    return calibration_batches(load_examples(config, tok)[0])
+
+
 def _load_for_training(config):
     """`load_model`, with GPTQ calibration batches from the training data when the method needs them."""
-    gguf = config.model.path is None or str(config.model.path).lower().endswith(".gguf")
-    if config.method == "qalora" and config.adapter.quant_method == "gptq" and not gguf:
-        from lorakit.models.default import load_causal_lm
-
-        _, tok = load_causal_lm(config.model.path)
-        return load_model(config, calibration=calibration_batches(load_examples(config, tok)[0]))
-    return load_model(config)
+    return load_model(config, calibration=_calibration(config))
 
 
 def _check_gguf_groups(model: nn.Module, group_size: int) -> None:
@@ -121,14 +130,7 @@ def load_trained(run_dir: str | Path, *, dtype: torch.dtype | None = None):
     from lorakit.run_config import read_run_config
 
     config = read_run_config(run_dir)
-    calibration = None
-    gguf = config.model.path is None or str(config.model.path).lower().endswith(".gguf")
-    if config.method == "qalora" and config.adapter.quant_method == "gptq" and not gguf:
-        from lorakit.models.default import load_causal_lm
-
-        _, tok = load_causal_lm(config.model.path)
-        calibration = calibration_batches(load_examples(config, tok)[0])
-    model, tokenizer = load_model(config, dtype=dtype or torch.float32, calibration=calibration)
+    model, tokenizer = load_model(config, dtype=dtype or torch.float32, calibration=_calibration(config))
     lorakit.load_adapter(model, Path(run_dir) / "adapter")
     return model.eval(), tokenizer, config
 

@@ -54,6 +54,7 @@ from lorakit.formats.gguf_load import (
 )
 from lorakit.formats.gguf_names import CARRIED, check_architecture, hf_name, rope_heads, rope_perm
 from lorakit.io import atomic_write
+from lorakit.quant.linear import dense_weight
 
 # What a K-quant (which lorakit reads but does not write) is written as.
 K_EXPORT = {"Q4_K": "Q4_1", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
@@ -215,17 +216,8 @@ def _encode(t, value, heads: int | None) -> tuple[np.ndarray, str, str, float]:
         if value.bits in OFFSET_TYPE:
             qout = OFFSET_TYPE[value.bits]
             blocks = gguf_blocks.Blocks(np.ascontiguousarray(codes), d, offset.astype(np.float16))
-            if qin == qout:
-                original = decode_tensor(t)[1]
-                same = (np.array_equal(original.codes, blocks.codes) and np.array_equal(original.d, d)
-                        and np.array_equal(original.m, blocks.m))
-                rule = "codes kept" if same else ("offsets moved" if np.array_equal(original.d, d)
-                                                  and np.array_equal(original.codes, blocks.codes) else "re-encoded")
-            else:
-                rule = "re-encoded"
-            return _checked(gguf_blocks.encode(blocks, qout), qout, qin, rule, value, perm, t)
-    dense = value.dequantize(torch.float32) if not isinstance(value, torch.Tensor) else value.detach()
-    dense = dense.float().cpu().numpy()
+            return _checked(gguf_blocks.encode(blocks, qout), qout, qin, _offset_rule(t, qout, blocks), value, perm, t)
+    dense = dense_weight(value, torch.float32).detach().cpu().numpy()
     if perm is not None:
         dense = dense[perm]
     if qin not in DENSE_TYPES:
@@ -233,6 +225,16 @@ def _encode(t, value, heads: int | None) -> tuple[np.ndarray, str, str, float]:
         if np.array_equal(dense_values(kind, decoded, t.tensor_type), dense):
             return np.asarray(t.data), qin, "copied", 0.0
     return _quantize(dense, K_EXPORT.get(qin, qin))
+
+
+def _offset_rule(t, qout: str, blocks: gguf_blocks.Blocks) -> str:
+    """How a Q4_1 / Q5_1 write relates to the template tensor: same bytes, only m moved, or re-encoded."""
+    if t.tensor_type.name != qout:
+        return "re-encoded"
+    old = decode_tensor(t)[1]
+    if not (np.array_equal(old.codes, blocks.codes) and np.array_equal(old.d, blocks.d)):
+        return "re-encoded"
+    return "codes kept" if np.array_equal(old.m, blocks.m) else "offsets moved"
 
 
 def _checked(data, qout, qin, rule, value, perm, t) -> tuple[np.ndarray, str, str, float]:
@@ -276,8 +278,7 @@ def _untied_head(model, reader, report, tensors) -> list:
                                          and head.data_ptr() == embed.data_ptr()):
         return []
     qin = next(t for t in reader.tensors if t.name == "token_embd.weight").tensor_type.name
-    dense = head.dequantize(torch.float32) if not isinstance(head, torch.Tensor) else head.detach()
-    data, qout, rule, err = _quantize(dense.float().cpu().numpy(), K_EXPORT.get(qin, qin))
+    data, qout, rule, err = _quantize(dense_weight(head, torch.float32).detach().cpu().numpy(), K_EXPORT.get(qin, qin))
     report.tensors.append(TensorExport("output.weight", "(tied)", qout, rule, err))
     from gguf import GGMLQuantizationType
 
