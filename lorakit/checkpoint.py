@@ -4,7 +4,8 @@
         trainable.safetensors   every trainable parameter, under its model name
         optimizer.safetensors   the optimizer's per-parameter state: "<name>/<key>" (AdamW: step,
                                 exp_avg, exp_avg_sq)
-        rng.safetensors         torch's CPU generator state (and each CUDA device's), uint8
+        rng.safetensors         torch's CPU generator state (and each CUDA device's), uint8; under
+                                torchrun also each process's ("torch.rank1", ...)
         state.json              step, data position, tokens seen, scheduler state, the optimizer's
                                 hyperparameters, Python's and NumPy's RNG states; written last
 
@@ -31,17 +32,28 @@ from lorakit.io import _fsync_dir, read_json, read_safetensors, write_json, writ
 PREFIX = "step-"
 
 
+class CheckpointMismatch(ValueError):
+    """A sound checkpoint that does not fit this model (the run's config was changed): no older one would."""
+
+
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"{PREFIX}{step:06d}"
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run (one whose state.json exists), or None."""
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """A run's complete checkpoints (those whose state.json exists), oldest first."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
-        return None
-    done = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file()]
-    return max(done, key=lambda p: int(p.name[len(PREFIX):]), default=None)
+        return []
+    done = [p for p in root.iterdir() if p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
+            and (p / "state.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    done = complete_checkpoints(run_dir)
+    return done[-1] if done else None
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -49,8 +61,9 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler, state: dict, keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically; return its directory. `state`: JSON-able training position."""
+                    scheduler, state: dict, keep: int = 2, rng_states: list[torch.Tensor] | None = None) -> Path:
+    """Write checkpoint `step` atomically; return its directory. `state`: JSON-able training position;
+    `rng_states`: every process's torch generator state in rank order (default: this process's)."""
     params = trainable_parameters(model)
     names = {id(p): name for name, p in params.items()}
     opt = optimizer.state_dict()
@@ -66,6 +79,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
               | {"params": [index_to_name[i] for i in g["params"]]} for g in opt["param_groups"]]
     rng = {"torch": torch.get_rng_state()}
+    for rank, rank_state in enumerate(rng_states or []):
+        rng["torch" if rank == 0 else f"torch.rank{rank}"] = rank_state
     if torch.cuda.is_available():
         rng |= {f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
     np_state = np.random.get_state()
@@ -99,23 +114,26 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
     return target
 
 
-def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict:
-    """Restore parameters, optimizer, scheduler and RNG states from `directory`; return its state.json."""
+def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                    rank: int = 0) -> dict:
+    """Restore parameters, optimizer, scheduler and RNG states from `directory`; return its state.json.
+    `rank`: this process's rank under torchrun. A rank the checkpoint has no generator state for (it was
+    written by fewer processes) seeds from (step, rank): its dropout masks then differ from any earlier run."""
     directory = Path(directory)
     state = read_json(directory / "state.json", "checkpoint state")
     params = trainable_parameters(model)
-    saved = read_safetensors(directory / "trainable.safetensors", "checkpoint parameters")
+    saved = read_safetensors(directory / "trainable.safetensors", "checkpoint parameters", fix="")
     if set(saved) != set(params):
         missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-        raise ValueError(f"checkpoint {directory} does not fit this model's trainable parameters (missing "
+        raise CheckpointMismatch(f"checkpoint {directory} does not fit this model's trainable parameters (missing "
                          f"{missing[:3]}, unexpected {extra[:3]}): resume with the run's own config.yaml")
     with torch.no_grad():
         for name, p in params.items():
             if saved[name].shape != p.shape:
-                raise ValueError(f"checkpoint {directory}: {name} has shape {tuple(saved[name].shape)}, the model "
+                raise CheckpointMismatch(f"checkpoint {directory}: {name} has shape {tuple(saved[name].shape)}, the model "
                                  f"{tuple(p.shape)}: resume with the run's own config.yaml")
             p.copy_(saved[name])
-    tensors = read_safetensors(directory / "optimizer.safetensors", "checkpoint optimizer state")
+    tensors = read_safetensors(directory / "optimizer.safetensors", "checkpoint optimizer state", fix="")
     index = {}
     groups = []
     for group, saved_group in zip(optimizer.param_groups, state["optimizer_groups"]):
@@ -133,8 +151,12 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     optimizer.load_state_dict({"state": per_param, "param_groups": groups})
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
-    rng = read_safetensors(directory / "rng.safetensors", "checkpoint RNG state")
-    torch.set_rng_state(rng["torch"])
+    rng = read_safetensors(directory / "rng.safetensors", "checkpoint RNG state", fix="")
+    key = "torch" if rank == 0 else f"torch.rank{rank}"
+    if key in rng:
+        torch.set_rng_state(rng[key])
+    else:
+        torch.manual_seed(int(state["step"]) * 1_000_003 + rank)
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
     version, values, gauss = state["python_rng"]

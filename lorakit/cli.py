@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -203,13 +204,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from lorakit.run_config import load_config, read_run_config
     from lorakit.train import TrainingStopped, train
 
     if args.resume:
-        if args.overrides:
-            raise ValueError("--resume continues a run with its own config.yaml; drop the key=value overrides")
-        config = read_run_config(args.resume)
+        if args.config or args.overrides:
+            given = " ".join(x for x in [args.config, *args.overrides] if x)
+            raise ValueError(f"--resume continues a run with its own config.yaml; drop {given!r}")
+        # the directory given is the run, wherever it was first written (a moved or copied run resumes in place)
+        config = replace(read_run_config(args.resume), output_dir=str(Path(args.resume)))
     else:
         if args.config and "=" in args.config and not Path(args.config).exists():  # only overrides were given
             args.overrides, args.config = [args.config, *args.overrides], None
@@ -219,7 +224,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingStopped as e:
         print(f"lorakit train: stopped: {e}", file=sys.stderr)
         return 3
-    print(f"run directory: {result.run_dir} (adapter/, metrics.jsonl, loss_curve.png, summary.json)")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 speaks
+        print(f"run directory: {result.run_dir} (adapter/, metrics.jsonl, loss_curve.png, summary.json)")
     return 0
 
 

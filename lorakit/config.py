@@ -59,7 +59,7 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         _check_int("r", self.r, minimum=1, hint="a typical rank is 8, 16 or 64")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not finite(self.alpha) or self.alpha <= 0:
             raise ValueError(f"alpha={self.alpha!r} must be a positive number (a common choice is alpha = 2 * r)")
         self.alpha = float(self.alpha)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
@@ -102,6 +102,14 @@ def check_keys(data: Mapping[str, Any], cls: type, what: str) -> None:
             close = difflib.get_close_matches(str(key), valid, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ValueError(f"unknown {what} key {key!r}: {hint}valid keys are {valid}")
+
+
+def finite(value: int | float) -> bool:
+    """math.isfinite, False for an int too large for a float (10**400) instead of an OverflowError."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _check_int(name: str, value: Any, *, minimum: int, hint: str) -> None:

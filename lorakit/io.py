@@ -50,8 +50,13 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def json_text(data: Any) -> str:
+    """The JSON text lorakit writes: indented, keys sorted, newline-terminated."""
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
 def write_json(path: str | os.PathLike, data: Any) -> Path:
-    return write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return write_text(path, json_text(data))
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
@@ -67,12 +72,12 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, nesting deeper than the stack
         raise ValueError(f"{what} {path} is not valid JSON ({e}); the file is corrupted or not a {what}") from None
 
 
-def read_safetensors(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
-    """Load a safetensors file (never pickle); a truncated or corrupt file is a clear error."""
+def read_safetensors(path: str | os.PathLike, what: str, fix: str = "save or download it again") -> dict[str, torch.Tensor]:
+    """Load a safetensors file (never pickle); a truncated or corrupt file is a clear error ending in `fix`."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -82,4 +87,23 @@ def read_safetensors(path: str | os.PathLike, what: str) -> dict[str, torch.Tens
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{what} {path} cannot be read as safetensors ({e}); it is truncated or corrupted: write it again") from None
+        raise _unreadable(what, path, e, fix) from None
+
+
+def check_safetensors(path: str | os.PathLike, what: str) -> None:
+    """Read a safetensors file's header and check it against the file's size (cheap: no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _unreadable(what, path, e, "save or download it again") from None
+
+
+def _unreadable(what: str, path: Path, error: Exception, fix: str) -> ValueError:
+    return ValueError(f"{what} {path} cannot be read as safetensors ({error}); it is truncated or corrupted"
+                      + (f": {fix}" if fix else ""))

@@ -30,6 +30,7 @@ PEFT feature lorakit does not implement (DoRA, LoRA bias, ...) is an error namin
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import re
 from pathlib import Path
@@ -39,13 +40,14 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.inject import adapter_state, adapter_to_write, attach_adapter
-from lorakit.io import read_json, read_safetensors, write_json, write_safetensors
+from lorakit.io import json_text, read_json, read_safetensors, write_json, write_safetensors, write_text
 from lorakit.layers import LoraLayer, SavedModule, lora_layers, saved_modules
 from lorakit.walk import layer_kind, matches
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LORAKIT_FILE = "lorakit.json"
+CONFIG_SHA_KEY = "lorakit.config_sha256"  # in the weights' safetensors metadata
 PREFIX = "base_model.model."
 
 SUFFIXES = {  # (kind is embedding, tensor) -> PEFT suffix
@@ -146,8 +148,11 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
         },
         "base_weights": _describe_base(model, module_names),
     }
-    write_safetensors(directory / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
-    write_json(directory / CONFIG_FILE, peft_config)
+    # Each file is written atomically; the weights (written first) record the config's SHA-256, so a save
+    # interrupted between the two files is caught on load instead of pairing new weights with an old config.
+    config_text = json_text(peft_config)
+    write_safetensors(directory / WEIGHTS_FILE, tensors, metadata={"format": "pt", CONFIG_SHA_KEY: _sha256(config_text)})
+    write_text(directory / CONFIG_FILE, config_text)
     write_json(directory / LORAKIT_FILE, lorakit_meta)
     return directory
 
@@ -176,6 +181,22 @@ def _describe_base(model: nn.Module, module_names: list[str]) -> dict:
     return {"weight_types": kinds, "quantization": settings or None}
 
 
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _check_pair(directory: Path) -> None:
+    """The weights and adapter_config.json come from the same save (checked when lorakit wrote the weights)."""
+    from safetensors import safe_open
+
+    with safe_open(str(directory / WEIGHTS_FILE), "pt") as f:
+        expected = (f.metadata() or {}).get(CONFIG_SHA_KEY)
+    if expected is not None and expected != _sha256((directory / CONFIG_FILE).read_text(encoding="utf-8")):
+        raise ValueError(f"{directory}: {CONFIG_FILE} is not the config {WEIGHTS_FILE} was saved with (a save was "
+                         f"interrupted between the two files, or one was edited or copied from another adapter); "
+                         f"save the adapter again")
+
+
 def read_peft_config(directory: str | Path) -> tuple[LoraConfig, dict]:
     """Parse adapter_config.json into a LoraConfig (+ the raw dict), refusing what would change the math."""
     raw = read_json(Path(directory) / CONFIG_FILE, "PEFT adapter config")
@@ -199,7 +220,25 @@ def read_peft_config(directory: str | Path) -> tuple[LoraConfig, dict]:
     kwargs["init"] = "gaussian" if init == "gaussian" else "default"
     if raw.get("use_qalora"):
         kwargs["group_size"] = raw.get("qalora_group_size")
-    return LoraConfig(**kwargs), raw
+    _check_alpha_pattern(raw.get("alpha_pattern"), directory)
+    try:
+        return LoraConfig(**kwargs), raw
+    except ValueError as e:
+        raise ValueError(f"{directory}/{CONFIG_FILE}: {e}") from None
+
+
+def _check_alpha_pattern(pattern, directory) -> None:
+    """PEFT's alpha_pattern: null or {module-name regex: alpha}; its values are checked where they apply."""
+    if pattern is None:
+        return
+    if not isinstance(pattern, dict):
+        raise ValueError(f"{directory}/{CONFIG_FILE}: alpha_pattern={pattern!r} must be an object mapping "
+                         'module-name regexes to alpha values, e.g. {"v_proj": 16}')
+    for key in pattern:
+        try:
+            re.compile(_pattern_regex(key))
+        except re.error as e:
+            raise ValueError(f"{directory}/{CONFIG_FILE}: alpha_pattern key {key!r} is not a valid regex ({e})") from None
 
 
 def load_adapter(model: nn.Module, directory: str | Path, name: str = "default") -> list[str]:
@@ -214,6 +253,7 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
         raise FileNotFoundError(f"adapter directory not found: {directory}")
     config, raw = read_peft_config(directory)
     tensors = read_safetensors(directory / WEIGHTS_FILE, "adapter weights")
+    _check_pair(directory)
     state = adapter_state(model)
     if state.merged:
         raise RuntimeError("the model has merged adapters: call lorakit.unmerge_(model) before loading another")
@@ -231,7 +271,10 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
             raise ValueError(f"{directory}: {module_name} has only lora_{''.join(ab)} in {WEIGHTS_FILE}; the file is incomplete")
         r = ab["A"].shape[0]
         alpha = _pattern_value(raw.get("alpha_pattern") or {}, module_name, config.alpha)
-        per_module[module_name] = dataclasses.replace(config, r=r, alpha=alpha, init="default")
+        try:
+            per_module[module_name] = dataclasses.replace(config, r=r, alpha=alpha, init="default")
+        except ValueError as e:
+            raise ValueError(f"{directory}/{CONFIG_FILE}: alpha_pattern gives {module_name} {e}") from None
         _check_shapes(module, module_name, ab, r, directory, config.group_size)
         if config.group_size is not None:
             ab["A"] = ab["A"] * ab["A"].shape[1]  # PEFT's use_qalora A = lorakit's A / (in/g)
@@ -310,9 +353,13 @@ def _split_saved(rest: str, patterns: list[str]) -> tuple[str | None, str]:
     return None, rest
 
 
+def _pattern_regex(key: str) -> str:
+    return rf"(.*\.)?({key})$"
+
+
 def _pattern_value(pattern: dict, module_name: str, default: float) -> float:
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if re.match(_pattern_regex(key), module_name):
             return value
     return default
 

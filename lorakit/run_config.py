@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import yaml
 
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, finite
 from lorakit.io import write_text
 
 RUN_CONFIG_FILE = "config.yaml"
@@ -102,7 +102,9 @@ class AdapterConfig:
 class TrainConfig:
     """The optimisation. `steps` (optimizer steps) wins over `epochs` when set. One step sees
     batch_size * grad_accum examples. `max_grad_norm` 0 turns clipping off; `eval_every` 0 never
-    evaluates during training; `save_every` 0 saves a checkpoint only at the end."""
+    evaluates during training; `save_every` 0 saves a checkpoint only at the end. Under torchrun,
+    `batch_size` is per process and `fsdp` shards the frozen base's decoder blocks over the processes
+    (`lorakit.fsdp`)."""
 
     steps: int | None = _setting(None, ge=1)
     epochs: float = _setting(1.0, gt=0)
@@ -114,6 +116,7 @@ class TrainConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float = _setting(1.0, ge=0)
     gradient_checkpointing: bool = False
+    fsdp: bool = False
     eval_every: int = _setting(50, ge=0)
     save_every: int = _setting(50, ge=0)
     log_every: int = _setting(1, ge=1)
@@ -213,6 +216,8 @@ def _parse_yaml(text: str, where: str, *, lines: bool = True) -> Any:
         return yaml.load(text, Loader=_Loader)
     except ValueError as e:  # a value YAML reads but cannot build, e.g. the date 2024-13-45
         raise ValueError(f"{where}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{where}: not valid YAML: nested too deeply to read") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None and lines else ""
@@ -226,7 +231,11 @@ def _parse_yaml(text: str, where: str, *, lines: bool = True) -> Any:
 def _read_yaml_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    data = _parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the file as UTF-8") from None
+    data = _parse_yaml(text, str(path))
     if data is None:  # an empty file: all defaults
         return {}
     if not isinstance(data, dict):
@@ -316,7 +325,7 @@ def _coerce(value: Any, hint: Any) -> Any:
         return value
     if hint is int and isinstance(value, int) and not isinstance(value, bool):
         return value
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool) and finite(value):
         return float(value)
     if hint is str and isinstance(value, str) and value:
         return value

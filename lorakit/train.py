@@ -18,6 +18,11 @@ holds the data position as (epoch, batch index) and `resume` continues with the 
 dropout masks (RNG restored) and the same optimizer state: a run killed with SIGKILL and resumed ends
 with the adapter an uninterrupted run ends with. A non-finite loss stops the run before the optimizer
 step, keeping the last good checkpoint.
+
+Under torchrun (`lorakit.distributed`) each of the P processes takes a slice of every global micro-batch
+of `batch_size` x P rows and only adapter gradients are all-reduced; rank 0 writes every file. A
+checkpoint records that global batch, so a run resumes on any number of processes that divides it (each
+then takes global / P' rows) and continues with the same batches.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from lorakit.io import write_json
+from lorakit.checkpoint import CheckpointMismatch, complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
+from lorakit.distributed import World, close_world, init_world, split_rows
+from lorakit.io import read_json, write_json
 
 IGNORE = -100
 
@@ -186,24 +192,30 @@ def _loss_tokens(example) -> int:
     return sum(1 for y in example.labels[1:] if y != IGNORE)
 
 
-def epoch_batches(examples, config, epoch: int) -> list:
-    """The micro-batches of one epoch (lists of rows), a pure function of (seed, epoch)."""
+def epoch_batches(examples, config, epoch: int, batch_size: int | None = None) -> list:
+    """The (global) micro-batches of one epoch (lists of rows), a pure function of (seed, epoch, batch_size);
+    `batch_size` defaults to `config.train.batch_size`."""
     from lorakit.data import batching
 
     t = config.train
+    batch_size = batch_size or t.batch_size
     if config.data.packing:
         rows = batching.pack(examples, config.data.max_tokens)
-        order = batching.length_grouped_batches(rows, t.batch_size, t.seed, epoch)
+        order = batching.length_grouped_batches(rows, batch_size, t.seed, epoch)
         return [[rows[i] for i in batch] for batch in order]
-    order = batching.length_grouped_batches(examples, t.batch_size, t.seed, epoch)
+    order = batching.length_grouped_batches(examples, batch_size, t.seed, epoch)
     return [[examples[i] for i in batch] for batch in order]
 
 
-def batch_inputs(rows, pad_id: int, dtype: torch.dtype = torch.float32) -> dict:
-    """Tensors for one micro-batch; `dtype` is the compute dtype (a packed row's 4-D mask must match it)."""
+def batch_inputs(rows, pad_id: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> dict:
+    """Tensors for one micro-batch on `device`; `dtype` is the compute dtype (a packed row's 4-D mask must
+    match it)."""
     from lorakit.data import batching
 
-    return batching.collate(rows, pad_id, dtype)
+    batch = batching.collate(rows, pad_id, dtype)
+    if device is not None and device.type != "cpu":
+        batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    return batch
 
 
 def micro_loss(model, batch: dict) -> torch.Tensor:
@@ -218,18 +230,22 @@ def count_loss_tokens(batch: dict) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, examples, pad_id: int, batch_size: int = 8) -> float:
-    """Token-weighted mean loss over `examples` (exp of it is the perplexity), in length-sorted batches."""
+def evaluate(model, examples, pad_id: int, batch_size: int = 8, world: World | None = None) -> float:
+    """Token-weighted mean loss over `examples` (exp of it is the perplexity), in length-sorted batches;
+    with several processes each evaluates every P-th batch and the sums are all-reduced."""
+    world = world or World()
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     total, count = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        batch = batch_inputs([examples[i] for i in order[start:start + batch_size]], pad_id, _dtype(model))
+    for start in range(world.rank * batch_size, len(order), batch_size * world.size):
+        rows = [examples[i] for i in order[start:start + batch_size]]
+        batch = batch_inputs(rows, pad_id, _dtype(model), world.device)
         n = count_loss_tokens(batch)
         if n:
             total += micro_loss(model, batch).item() * n
             count += n
+    total, count = world.sum(total, count)
     model.train(was_training)
     return total / max(count, 1)
 
@@ -258,8 +274,20 @@ def pad_id_of(tokenizer) -> int:
 
 # --- the loop ------------------------------------------------------------------------------------
 
-def train(config, *, resume: bool = False, progress: bool = True, model=None, tokenizer=None) -> TrainResult:
-    """Run (or resume) the training `config` describes; see the module docstring for what it writes."""
+def train(config, *, resume: bool = False, progress: bool = True, model=None, tokenizer=None,
+          world: World | None = None) -> TrainResult:
+    """Run (or resume) the training `config` describes; see the module docstring for what it writes.
+    Under torchrun (WORLD_SIZE > 1) this process joins the process group (`lorakit.distributed`)."""
+    own_world = world is None
+    world = world or init_world()
+    try:
+        return _train(config, resume, progress, model, tokenizer, world)
+    finally:
+        if own_world:
+            close_world(world)
+
+
+def _train(config, resume: bool, progress: bool, model, tokenizer, world: World) -> TrainResult:
     import lorakit
     from lorakit.plot import loss_curve_png
     from lorakit.progress import MetricsLog, ProgressBar
@@ -273,9 +301,12 @@ def train(config, *, resume: bool = False, progress: bool = True, model=None, to
     if not resume and latest_checkpoint(run_dir) is not None:
         raise ValueError(f"{run_dir} already holds a run; continue it with --resume, or set output_dir to a new "
                          f"directory (nothing there is overwritten)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
     t = config.train
+    global_batch = _global_batch(config, checkpoint, world)
+    world.barrier()  # every process has looked at run_dir before rank 0 writes into it
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
     torch.manual_seed(t.seed)
     if model is None:
         model, tokenizer = _load_for_training(config)
@@ -286,27 +317,39 @@ def train(config, *, resume: bool = False, progress: bool = True, model=None, to
     if t.gradient_checkpointing:
         lorakit.enable_gradient_checkpointing(model)
     lorakit.fuse_for_training_(model)
+    dtype = _dtype(model)
+    shards = None
+    if t.fsdp:
+        from lorakit.fsdp import shard_base_
+
+        shards = shard_base_(model, world)  # moves the model to world.device too
+    elif world.device.type != "cpu":
+        model.to(world.device)
     params = [p for p in model.parameters() if p.requires_grad]
+    world.broadcast_params(params)
+    if world.rank:
+        torch.manual_seed(t.seed + world.rank)  # dropout masks differ per process; rank 0 keeps the 1-process stream
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    per_epoch = len(epoch_batches(train_examples, config, 0))
+    per_epoch = len(epoch_batches(train_examples, config, 0, global_batch))
     total_steps = t.steps or max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
 
     step, epoch, batch_index, tokens_seen, seconds = 0, 0, 0, 0, 0.0
     valid_before = None
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        state = _load_checkpoint(checkpoint, model, optimizer, scheduler, world)
         step, epoch, batch_index = state["step"], state["epoch"], state["batch"]
         tokens_seen, seconds, valid_before = state["tokens"], state["seconds"], state.get("valid_loss_before")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=step if checkpoint else -1)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=step if checkpoint else -1) if world.main else None
+    log = metrics.log if metrics else (lambda *a, **k: None)
     if valid_examples and valid_before is None:
-        valid_before = evaluate(model, valid_examples, pad)
-        metrics.log(0, valid_loss=valid_before, valid_ppl=math.exp(valid_before))
-    bar = ProgressBar(total_steps, enabled=progress)
-    batches = epoch_batches(train_examples, config, epoch)
+        valid_before = evaluate(model, valid_examples, pad, world=world)
+        log(0, valid_loss=valid_before, valid_ppl=math.exp(valid_before))
+    bar = ProgressBar(total_steps, enabled=progress and world.main)
+    batches = epoch_batches(train_examples, config, epoch, global_batch)
     model.train()
-    last_loss = float("nan")
-    valid_loss = None
+    last_loss, valid_loss = _last_losses(run_dir) if checkpoint is not None else (float("nan"), None)
+    sent_bytes, comm_seconds, first_step = 0, 0.0, step
     kill_at = int(os.environ.get("LORAKIT_TEST_KILL_AFTER_STEP", "0"))  # for the kill-and-resume test
     while step < total_steps:
         start = time.perf_counter()
@@ -314,24 +357,33 @@ def train(config, *, resume: bool = False, progress: bool = True, model=None, to
         for _ in range(t.grad_accum):
             if batch_index >= len(batches):
                 epoch, batch_index = epoch + 1, 0
-                batches = epoch_batches(train_examples, config, epoch)
-            micro.append(batch_inputs(batches[batch_index], pad, _dtype(model)))
+                batches = epoch_batches(train_examples, config, epoch, global_batch)
+            rows = split_rows(batches[batch_index], world)
+            micro.append(batch_inputs(rows, pad, dtype, world.device) if rows else None)
             batch_index += 1
-        n_tokens = sum(count_loss_tokens(b) for b in micro)
-        loss_sum = 0.0
+        local_tokens = sum(count_loss_tokens(b) for b in micro if b is not None)
+        n_tokens = int(world.sum(local_tokens)[0])  # every process weighs its tokens by the global count
+        loss_sum, bad = 0.0, None
         for batch in micro:
-            n = count_loss_tokens(batch)
+            n = count_loss_tokens(batch) if batch is not None else 0
             if n == 0:
                 continue
             loss = micro_loss(model, batch)
             if not torch.isfinite(loss):
-                kept = latest_checkpoint(run_dir)
-                raise TrainingStopped(
-                    f"the loss became {loss.item()} at step {step + 1}; nothing was updated. The last good checkpoint "
-                    f"is {kept or 'none (no checkpoint was written yet)'}. Lower train.lr, check the data, or use "
-                    f"model.dtype=float32; then resume with --resume")
+                bad = loss.item()
+                break
             (loss * (n / n_tokens)).backward()
             loss_sum += loss.item() * n
+        loss_sum, any_bad = world.sum(loss_sum, bad is not None)
+        if any_bad:
+            kept = latest_checkpoint(run_dir)
+            raise TrainingStopped(
+                f"the loss became {bad if bad is not None else 'non-finite'} at step {step + 1}; nothing was updated. "
+                f"The last good checkpoint is {kept or 'none (no checkpoint was written yet)'}. Lower train.lr, check "
+                f"the data, or use model.dtype=float32; then resume with --resume")
+        comm_start = time.perf_counter()
+        sent_bytes = world.all_reduce_grads(params)
+        comm_seconds += time.perf_counter() - comm_start
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm))
         optimizer.step()
         scheduler.step()
@@ -343,36 +395,99 @@ def train(config, *, resume: bool = False, progress: bool = True, model=None, to
         last_loss = loss_sum / max(n_tokens, 1)
         speed = n_tokens / elapsed if elapsed > 0 else 0.0
         if step % t.log_every == 0 or step == total_steps:
-            metrics.log(step, loss=last_loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
-                          tokens_per_s=speed, epoch=epoch)
+            log(step, loss=last_loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm, tokens_per_s=speed,
+                epoch=epoch, **({"allreduce_bytes": sent_bytes} if world.distributed else {}))
         bar.update(step, last_loss, speed, lr=scheduler.get_last_lr()[0])
         if valid_examples and (step % t.eval_every == 0 or step == total_steps):
-            valid_loss = evaluate(model, valid_examples, pad)
-            metrics.log(step, valid_loss=valid_loss, valid_ppl=math.exp(valid_loss))
+            valid_loss = evaluate(model, valid_examples, pad, world=world)
+            log(step, valid_loss=valid_loss, valid_ppl=math.exp(valid_loss))
         if step % t.save_every == 0 or step == total_steps:
-            save_checkpoint(run_dir, step, model, optimizer, scheduler,
-                            {"epoch": epoch, "batch": batch_index, "tokens": tokens_seen, "seconds": seconds,
-                             "valid_loss_before": valid_before})
+            rng = world.gather_rng()
+            if world.main:
+                save_checkpoint(run_dir, step, model, optimizer, scheduler,
+                                {"epoch": epoch, "batch": batch_index, "tokens": tokens_seen, "seconds": seconds,
+                                 "valid_loss_before": valid_before, "global_batch": global_batch,
+                                 "processes": world.size}, rng_states=rng)
+            world.barrier()
         if kill_at and step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
     lorakit.unfuse_(model)
-    lorakit.save_adapter(model, run_dir / "adapter")
-    _write_curve(run_dir, loss_curve_png)
     useful = tokens_seen / seconds if seconds else 0.0
     result = TrainResult(run_dir, step, last_loss, valid_loss,
                          math.exp(valid_before) if valid_before is not None else None,
                          math.exp(valid_loss) if valid_loss is not None else None, useful, seconds)
-    write_json(run_dir / "summary.json", {
-        "method": config.method, "steps": step, "train_loss": last_loss, "valid_loss": valid_loss,
-        "valid_ppl_before": result.valid_ppl_before, "valid_ppl_after": result.valid_ppl_after,
-        "useful_tokens_per_s": useful, "train_seconds": seconds, "data": stats,
-        "trainable_parameters": sum(p.numel() for p in params),
-    })
+    if world.main:
+        lorakit.save_adapter(model, run_dir / "adapter")
+        _write_curve(run_dir, loss_curve_png)
+        write_json(run_dir / "summary.json", {
+            "method": config.method, "steps": step, "train_loss": last_loss, "valid_loss": valid_loss,
+            "valid_ppl_before": result.valid_ppl_before, "valid_ppl_after": result.valid_ppl_after,
+            "useful_tokens_per_s": useful, "train_seconds": seconds, "data": stats,
+            "trainable_parameters": sum(p.numel() for p in params),
+            "processes": world.size, "global_batch": global_batch * t.grad_accum,
+            "allreduce_bytes_per_step": sent_bytes,
+            "allreduce_seconds_per_step": comm_seconds / max(step - first_step, 1),
+            **({"fsdp": {"blocks": shards.blocks, "sharded_base_bytes": shards.sharded_bytes,
+                         "local_base_bytes": shards.local_bytes, "replicated_bytes": shards.replicated_bytes}}
+               if shards else {}),
+        })
+        metrics.close()
     bar.close(f"{step} steps, train loss {last_loss:.4f}"
               + (f", valid ppl {result.valid_ppl_before:.3f} -> {result.valid_ppl_after:.3f}"
-                 if result.valid_ppl_after is not None else "") + f", {useful:.0f} tokens/s")
+                 if result.valid_ppl_after is not None else "") + f", {useful:.0f} tokens/s"
+              + (f" over {world.size} processes" if world.distributed else ""))
+    world.barrier()
     model.eval()
     return result
+
+
+def _load_checkpoint(checkpoint: Path, model, optimizer, scheduler, world: World) -> dict:
+    """`load_checkpoint`, and when the newest checkpoint is damaged (disk error, a hand edit), an error that
+    names the previous intact one and how to resume from it."""
+    try:
+        return load_checkpoint(checkpoint, model, optimizer, scheduler, rank=world.rank)
+    except CheckpointMismatch:
+        raise
+    except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
+        raise _damaged(checkpoint, e) from None
+
+
+def _damaged(checkpoint: Path, error: Exception) -> ValueError:
+    older = [p for p in complete_checkpoints(checkpoint.parent.parent) if p != checkpoint]
+    hint = (f"; the previous checkpoint {older[-1].name} is there: move {checkpoint} out of checkpoints/ and "
+            f"resume again to continue from it" if older else "; no earlier checkpoint is left")
+    return ValueError(f"cannot resume from {checkpoint}: {error}{hint}")
+
+
+def _last_losses(run_dir: Path) -> tuple[float, float | None]:
+    """The last logged train and validation loss of a run (a resumed run that has no step left to take
+    still reports them)."""
+    from lorakit.progress import read_metrics
+
+    records = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+    train = [r["loss"] for r in records if "loss" in r]
+    valid = [r["valid_loss"] for r in records if "valid_loss" in r and r["step"] > 0]
+    return (train[-1] if train else float("nan")), (valid[-1] if valid else None)
+
+
+def _global_batch(config, checkpoint: Path | None, world: World) -> int:
+    """Rows per global micro-batch: `batch_size` x processes for a new run; a resumed run keeps its own, which
+    the processes must divide."""
+    if checkpoint is None:
+        return config.train.batch_size * world.size
+    try:
+        state = read_json(checkpoint / "state.json", "checkpoint state")
+        global_batch = int(state.get("global_batch", config.train.batch_size))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise _damaged(checkpoint, e) from None
+    if global_batch % world.size:
+        raise ValueError(f"{checkpoint} was trained with a global batch of {global_batch} rows "
+                         f"({state.get('processes', 1)} process(es)); {world.size} processes cannot split it "
+                         f"evenly: resume with a number of processes that divides {global_batch}")
+    if world.main and world.size != state.get("processes", 1):
+        print(f"lorakit train: resuming a {state.get('processes', 1)}-process run on {world.size}: each process takes "
+              f"{global_batch // world.size} rows of every {global_batch}-row batch, so the batches stay the same")
+    return global_batch
 
 
 def absolute_paths(config):

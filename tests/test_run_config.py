@@ -277,6 +277,7 @@ VALID = {  # an independent statement of what each key accepts
     "train.schedule": st.sampled_from(["cosine", "linear", "constant"]),
     "train.max_grad_norm": floats(0),
     "train.gradient_checkpointing": st.booleans(),
+    "train.fsdp": st.booleans(),
     "train.eval_every": st.integers(0, 10**9),
     "train.save_every": st.integers(0, 10**9),
     "train.log_every": st.integers(1, 10**9),

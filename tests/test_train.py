@@ -18,21 +18,14 @@ pytest.importorskip("transformers")
 from lorakit.progress import read_metrics  # noqa: E402
 from lorakit.run_config import load_config  # noqa: E402
 from lorakit.train import TrainingStopped, train  # noqa: E402
-from train_fixtures import make_instruction_file, make_tiny_model_dir, tiny_run_overrides  # noqa: E402
+from train_fixtures import tiny_assets, tiny_run_overrides  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden" / "cli_smoke.json"
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    try:
-        from lorakit.models.default import default_model_dir
-
-        default_model_dir()
-    except ModuleNotFoundError as e:
-        pytest.skip(str(e))
-    d = tmp_path_factory.mktemp("assets")
-    return make_tiny_model_dir(d / "model"), make_instruction_file(d / "train.jsonl")
+    return tiny_assets(tmp_path_factory, "assets")
 
 
 def cli(*args, env=None):

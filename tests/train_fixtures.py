@@ -38,3 +38,18 @@ def tiny_run_overrides(model_dir: Path, data: Path, out: Path, method: str = "lo
             "data.max_tokens=64", f"method={method}", f"output_dir={out}", f"train.steps={steps}",
             "train.batch_size=4", "train.lr=1e-2", "train.warmup_steps=1", "train.eval_every=3", "train.save_every=2",
             "adapter.r=4", "adapter.alpha=8"]
+
+
+def tiny_assets(tmp_path_factory, name: str = "assets") -> tuple[Path, Path]:
+    """(tiny model directory, instruction file) in a fresh temporary directory; skips the test when the
+    embedded model (whose tokenizer the tiny model uses) is not installed."""
+    import pytest
+
+    try:
+        from lorakit.models.default import default_model_dir
+
+        default_model_dir()
+    except ModuleNotFoundError as e:
+        pytest.skip(str(e))
+    d = tmp_path_factory.mktemp(name)
+    return make_tiny_model_dir(d / "model"), make_instruction_file(d / "train.jsonl")

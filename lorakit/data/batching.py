@@ -77,6 +77,9 @@ def length_grouped_batches(examples: Sequence[Example], batch_size: int, seed: i
 def pack(examples: Sequence[Example], max_tokens: int) -> list[Packed]:
     """Whole examples concatenated into rows of <= max_tokens tokens, greedy first-fit in the given order."""
     lengths = [len(e.input_ids) for e in examples]
+    if 0 in lengths:
+        raise ValueError(f"example {lengths.index(0)} has no tokens; drop empty examples before packing "
+                         "(encode never makes them)")
     too_long = [k for k, n in enumerate(lengths) if n > max_tokens]
     if too_long:
         raise ValueError(

@@ -2,7 +2,8 @@
 
 Formats, chosen by suffix:
 
-    .jsonl, .json   one JSON object per line; blank lines are skipped. A .json file holding one
+    .jsonl, .json   one JSON object per line (lines end at LF, CRLF or CR, never at U+2028 or NEL,
+                    which JSON strings may hold); blank lines are skipped. A .json file holding one
                     JSON array of objects is read as well (its items are numbered as rows).
     .csv            a header row, then one record per row (`csv` module; quoted cells may span
                     lines). Every cell is a str, so CSV holds text and instruction rows only.
@@ -35,9 +36,12 @@ index + 1 and `numbering` is "row".
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,33 +134,58 @@ def _where(path: str, n: int, numbering: str) -> str:
 # Readers: (raw rows, their 1-based line or row numbers, "line" | "row")
 
 
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # JSON strings hold no raw CR or LF, so a line is never cut inside a value
+
+
+def _read_text(p: Path) -> str:
+    """The file as text: UTF-8, a leading byte order mark dropped; else a ValueError naming the line."""
+    data = p.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = bom + e.start
+        line = len(_LINE_BREAK.findall(data[bom:at].decode("utf-8"))) + 1
+        raise ValueError(f"{p}:{line}: not UTF-8 text (byte {at}: {e.reason}); save the file as UTF-8") from None
+
+
+def _loads(text: str, where: str, expected: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg}, column {e.colno}){expected}") from None
+    except (ValueError, RecursionError) as e:  # an integer of over 4300 digits, nesting deeper than the stack
+        raise ValueError(f"{where}: cannot read this JSON ({e}){expected}") from None
+
+
 def _read_json(p: Path) -> tuple[list[Any], list[int], str]:
-    text = p.read_text(encoding="utf-8-sig")
+    text = _read_text(p)
     if p.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{p}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"{p}: cannot read this JSON ({e})") from None
         return items, list(range(1, len(items) + 1)), "row"
     rows, lines = [], []
-    for n, line in enumerate(text.splitlines(), start=1):
+    # Lines end at LF, CRLF or CR only: str.splitlines would also cut at U+2028, NEL (U+0085) and
+    # other characters a JSON string may hold unescaped.
+    for n, line in enumerate(_LINE_BREAK.split(text), start=1):
         if not line.strip():
             continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(
-                f"{p}:{n}: not valid JSON ({e.msg}, column {e.colno}); expected one JSON object per line"
-            ) from None
+        rows.append(_loads(line, f"{p}:{n}", "; expected one JSON object per line"))
         lines.append(n)
     return rows, lines, "line"
 
 
 def _read_csv(p: Path) -> tuple[list[dict[str, str]], list[int], str]:
+    text = _read_text(p)
     rows, lines = [], []
-    with open(p, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header, end = None, 0  # end: the last physical line read so far
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header, end = None, 0  # end: the last physical line read so far
+    limit = csv.field_size_limit(max(len(text), csv.field_size_limit()))  # a cell may be as long as the file
+    try:
         for record in reader:
             start, end = end + 1, reader.line_num
             if not record:  # a blank line
@@ -171,6 +200,10 @@ def _read_csv(p: Path) -> tuple[list[dict[str, str]], list[int], str]:
                 )
             rows.append(dict(zip(header, record)))
             lines.append(start)
+    except csv.Error as e:
+        raise ValueError(f"{p}:{end + 1}: not valid CSV ({e})") from None
+    finally:
+        csv.field_size_limit(limit)
     return rows, lines, "line"
 
 
@@ -179,7 +212,12 @@ def _read_parquet(p: Path) -> tuple[list[dict[str, Any]], list[int], str]:
         import pyarrow.parquet as pq
     except ImportError as e:
         raise ImportError(f"reading {p} needs pyarrow: pip install pyarrow") from e
-    rows = pq.read_table(p).to_pylist()
+    import pyarrow as pa
+
+    try:
+        rows = pq.read_table(p).to_pylist()
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # ArrowInvalid, thrift errors, bad UTF-8 strings
+        raise ValueError(f"{p}: cannot read this Parquet file ({e}); it is truncated, corrupted or not Parquet") from None
     return rows, list(range(1, len(rows) + 1)), "row"
 
 

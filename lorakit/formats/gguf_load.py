@@ -145,6 +145,10 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, qu
     reader = read_gguf(path)
     arch = field_value(reader, "general.architecture")
     model_type, permutes = check_architecture(arch, str(path))
+    if tokenizer and field_value(reader, "tokenizer.ggml.model") is None:
+        raise ValueError(f"{path} holds no tokenizer (no tokenizer.ggml.model field), which training and generation "
+                         f"need: use a GGUF written with its tokenizer (llama.cpp's convert_hf_to_gguf.py writes it), "
+                         f"or load_gguf(..., tokenizer=False) and pass your own")
     n_head = int(field_value(reader, f"{arch}.attention.head_count"))
     n_head_kv = int(field_value(reader, f"{arch}.attention.head_count_kv", n_head))
     model = _empty_model(hf_config(reader, str(path)), dtype)

@@ -87,6 +87,16 @@ def load_causal_lm(path: str | Path | None = None, dtype: torch.dtype = torch.fl
             f"{directory} is not a Hugging Face model directory (no config.json); pass a local "
             f"directory with config.json and model.safetensors, or None for {DEFAULT_MODEL}"
         )
+    if not any(directory.glob("*.safetensors")):
+        pickled = sorted(p.name for p in directory.glob("*.bin"))
+        raise FileNotFoundError(
+            f"no *.safetensors weights in {directory}"
+            + (f" (only pickled {pickled[:2]}, which lorakit never loads: unpickling can run any code)" if pickled else "")
+            + "; save the model with save_pretrained(..., safe_serialization=True)"
+        )
+    from lorakit.quant.stream import checkpoint_files
+
+    checkpoint_files(directory)  # every shard present and whole, before transformers reads them
     transformers = _import_transformers()
     with _hub_offline():
         tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)

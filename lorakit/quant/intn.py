@@ -164,11 +164,24 @@ class IntNWeight(PackedWeight):
     def from_float(cls, w: Tensor, bits: int = 4, group_size: int = 32,
                    scale_dtype: torch.dtype = torch.float32) -> IntNWeight:
         """Round-to-nearest min-max quantization of w (out, in); scale and offset in `scale_dtype`'s values."""
-        if w.dim() != 2:
-            raise ValueError(f"expected a 2-D (out, in) weight, got shape {tuple(w.shape)}")
+        if w.dim() != 2 or not w.numel():
+            raise ValueError(f"expected a non-empty 2-D (out, in) weight, got shape {tuple(w.shape)}")
         check_bits(bits)
         check_group_size(group_size, w.shape[1])
+        if not torch.isfinite(w).all():
+            raise ValueError(f"weight {tuple(w.shape)} has non-finite values (nan or inf), which have no place on "
+                             "an INT-N grid; find where they came from (a diverged run, a bad checkpoint)")
         scale, offset = minmax_params(w.detach(), bits, group_size, scale_dtype)
+        if not (torch.isfinite(scale).all() and torch.isfinite(offset).all()):
+            row, group = (~torch.isfinite(scale + offset)).nonzero()[0].tolist()
+            values = w[row, group * group_size: (group + 1) * group_size].float()
+            name = str(scale_dtype).removeprefix("torch.")
+            raise ValueError(
+                f"weight {tuple(w.shape)}: row {row}, group {group} spans {values.min().item():.4g} to "
+                f"{values.max().item():.4g}, beyond {name}'s range for a scale and offset "
+                f"(±{torch.finfo(scale_dtype).max:.4g}); rescale the weight"
+                + (" or keep scale_dtype=torch.float32" if scale_dtype != torch.float32 else "")
+            )
         offset_dtype = None if scale_dtype == torch.float32 else scale_dtype
         return cls.from_codes(round_to_grid(w.detach(), scale, offset, bits), scale, offset, bits, w.dtype, offset_dtype)
 

@@ -15,13 +15,13 @@ renaming or weight conversion (e.g. fused MoE experts) should be loaded dense an
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from lorakit.io import check_safetensors, read_json
 from lorakit.quant.api import NF4Config, check_linear_targets
 from lorakit.quant.blockwise import weight_class
 from lorakit.quant.linear import QuantizedLinear
@@ -32,17 +32,25 @@ SINGLE_FILE = "model.safetensors"
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
-    """The safetensors files of a checkpoint: the shards its index names, or the single file."""
+    """The safetensors files of a checkpoint: the shards its index names, or the single file. Each file's
+    header is read and checked against its size, so a missing, truncated or corrupted shard is a clear
+    error here instead of a failure deep inside loading."""
     model_dir = Path(model_dir)
     if (model_dir / INDEX_FILE).exists():
-        weight_map = json.loads((model_dir / INDEX_FILE).read_text())["weight_map"]
-        return [model_dir / name for name in sorted(set(weight_map.values()))]
-    if (model_dir / SINGLE_FILE).exists():
-        return [model_dir / SINGLE_FILE]
-    raise FileNotFoundError(
-        f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir}; save the model with save_pretrained(..., "
-        "safe_serialization=True) (lorakit never loads pickled .bin checkpoints)"
-    )
+        index = read_json(model_dir / INDEX_FILE, "safetensors index")
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise ValueError(f"{model_dir / INDEX_FILE} has no \"weight_map\" object; the file is corrupted")
+        files = [model_dir / str(name) for name in sorted(set(map(str, index["weight_map"].values())))]
+    elif (model_dir / SINGLE_FILE).exists():
+        files = [model_dir / SINGLE_FILE]
+    else:
+        raise FileNotFoundError(
+            f"no {SINGLE_FILE} or {INDEX_FILE} in {model_dir}; save the model with save_pretrained(..., "
+            "safe_serialization=True) (lorakit never loads pickled .bin checkpoints)"
+        )
+    for path in files:
+        check_safetensors(path, "model weights")
+    return files
 
 
 def stream_tensors(files: list[Path]) -> Iterator[tuple[str, Tensor]]:
