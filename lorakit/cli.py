@@ -194,10 +194,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         lorakit.dequantize_and_merge_(model)
     if args.format == "hf":
-        lorakit.export_hf(model, out, tokenizer)
+        lorakit.export_hf(model, out, tokenizer, overwrite=args.force)
         print(f"wrote {out}: dense Hugging Face model")
         return 0
-    report = lorakit.export_gguf(model, out, template=args.template, merged=str(adapter))
+    report = lorakit.export_gguf(model, out, template=args.template, merged=str(adapter), overwrite=args.force)
     print(report)
     print(f"wrote {out} ({_human(out.stat().st_size)})")
     return 0
@@ -291,7 +291,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         lorakit.dequantize_and_merge_(model)
     else:
         lorakit.merge_(model)
-    lorakit.export_hf(model, out, tokenizer)
+    lorakit.export_hf(model, out, tokenizer, overwrite=args.force)
     print(f"wrote {out}: the merged model as a dense Hugging Face directory"
           + ("" if config.method != "qalora" else " (use `lorakit export --format gguf` to keep it 4-bit)"))
     return 0
@@ -334,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge a run's adapter into its base; write a dense Hugging Face model")
     p.add_argument("run", help="run directory")
     p.add_argument("--out", help="output directory (default RUN_DIR/merged)")
+    p.add_argument("--force", action="store_true", help="replace --out even if it is not an earlier lorakit export")
     p.set_defaults(func=cmd_merge)
     p = sub.add_parser("demo", help="the whole mission on the embedded model: QA-LoRA on its Q4_1 codes, "
                                     "lossless merge, GGUF export, report")
@@ -350,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["gguf", "gguf-adapter", "hf", "peft"], default="gguf")
     p.add_argument("--template", help="GGUF whose metadata and layout to write into (default: the base's own file)")
     p.add_argument("--out", required=True, help="output .gguf file (or directory for --format hf)")
+    p.add_argument("--force", action="store_true", help="replace --out even if it is the base GGUF itself, or a "
+                                                       "directory that is not an earlier lorakit export")
     p.set_defaults(func=cmd_export)
     return parser
 

@@ -242,6 +242,20 @@ def case_adapter_pair_mismatch(ctx):
     return cli("eval", run, "--prompt", "hi")
 
 
+def case_export_over_base(ctx):
+    gguf = tiny_gguf(ctx)
+    return cli("export", "--adapter", ctx["run"] / "adapter", "--base", gguf, "--format", "gguf", "--out", gguf)
+
+
+def case_merge_over_own_directory(ctx):
+    mine = ctx["dir"] / "my-notes"
+    mine.mkdir(exist_ok=True)
+    (mine / "notes.txt").write_text("mine")
+    code, err = cli("merge", ctx["run"], "--out", mine)
+    assert (mine / "notes.txt").read_text() == "mine"
+    return code, err
+
+
 def case_run_config_corrupt(ctx):
     run = copy_run(ctx, "run-yaml")
     (run / "config.yaml").write_text("model: {path: [\n")

@@ -116,6 +116,14 @@ def _template_path(model: nn.Module, template) -> Path:
     return source.path
 
 
+def _check_not_template(model: nn.Module, template, path, overwrite: bool) -> None:
+    source = _template_path(model, template)
+    out = Path(path).expanduser()
+    if not overwrite and out.exists() and out.resolve() == Path(source).resolve():
+        raise ValueError(f"{out} is the GGUF file this export reads from (the base); nothing was written. Write to "
+                         f"a new file, or replace the base with overwrite=True (lorakit export: --force)")
+
+
 def _open_template(model: nn.Module, template):
     """(reader, architecture, permutes RoPE rows, n_head, n_head_kv) of the template GGUF."""
     path = _template_path(model, template)
@@ -149,11 +157,13 @@ def _model_weight(model: nn.Module, hf: str):
 
 
 def export_gguf(model: nn.Module, path: str | os.PathLike, *, template: str | os.PathLike | None = None,
-                merged: str | None = None) -> GGUFExportReport:
-    """Write `model` (adapters merged) as a GGUF file in `template`'s layout; see the module docstring."""
+                merged: str | None = None, overwrite: bool = False) -> GGUFExportReport:
+    """Write `model` (adapters merged) as a GGUF file in `template`'s layout; see the module docstring.
+    Writing over the template itself (the base being fine-tuned) needs `overwrite=True`."""
     from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
     _check_merged(model)
+    _check_not_template(model, template, path, overwrite)
     reader, arch, permutes, n_head, n_head_kv = _open_template(model, template)
     path = Path(path).expanduser()
     report = GGUFExportReport(path)
@@ -295,6 +305,7 @@ def export_gguf_adapter(model: nn.Module, path: str | os.PathLike, *, template: 
     from lorakit.layers import lora_layers, saved_modules
 
     name, config = adapter_to_write(model, name, "export_gguf_adapter")
+    _check_not_template(model, template, path, overwrite=False)
     if any(name in w.copies for _, w in saved_modules(model)):
         raise ValueError(f"adapter {name!r} trains whole modules (modules_to_save={config.modules_to_save}); a llama.cpp "
                          f"adapter holds only LoRA pairs: export the merged model with export_gguf instead")

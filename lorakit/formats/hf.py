@@ -4,7 +4,9 @@
 Quantized layers (NF4, INT-N) are written as their dequantized values: exactly the numbers the
 merged model computes with, so the exported model's outputs equal lorakit's up to the dtype
 written. The directory is built under a temporary name beside the target and renamed into place:
-an interrupted export leaves the previous directory untouched.
+an interrupted export leaves the previous directory untouched. An existing directory is replaced only
+when it is an earlier lorakit export (it holds `lorakit_export.json`) or `overwrite=True`: pointing
+`--out` at a base model or any directory of one's own never deletes it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorakit.io import write_json
 from lorakit.layers import LoraLayer, SavedModule
 from lorakit.quant.linear import QuantizedLinear
 
@@ -43,19 +46,28 @@ def dense_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict
     return out
 
 
-def export_hf(model: nn.Module, directory: str | os.PathLike, tokenizer=None, dtype: torch.dtype | None = None) -> Path:
+MARKER = "lorakit_export.json"  # marks a directory export_hf wrote, which a later export may replace
+
+
+def export_hf(model: nn.Module, directory: str | os.PathLike, tokenizer=None, dtype: torch.dtype | None = None,
+              overwrite: bool = False) -> Path:
     """Write a merged model as a dense Hugging Face directory (safetensors); return its path."""
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"{type(model).__name__} is not a Hugging Face model (no save_pretrained); "
                         "use lorakit.formats.hf.dense_state_dict and save it yourself")
     state = dense_state_dict(model, dtype)
     directory = Path(directory)
+    if directory.exists() and not overwrite and not (directory / MARKER).is_file() and (
+            not directory.is_dir() or any(directory.iterdir())):
+        raise ValueError(f"{directory} exists and is not an earlier lorakit export; nothing was written. Choose a new "
+                         f"directory, or replace it with overwrite=True (lorakit merge/export: --force)")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        write_json(tmp / MARKER, {"written_by": "lorakit.export_hf", "dtype": str(dtype or "as trained")})
         old = None
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
