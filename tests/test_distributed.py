@@ -115,7 +115,7 @@ def test_a_global_batch_the_processes_cannot_split_is_refused(assets, tmp_path):
     assert "global batch of 3 rows" in resumed.stderr and "divides 3" in resumed.stderr
 
 
-@pytest.mark.parametrize("method", ["qalora", "qlora"])
+@pytest.mark.parametrize("method", ["qalora", "qlora", "lora"])
 def test_fsdp_shards_the_quantized_base_and_trains_the_same_adapter(assets, tmp_path, method):
     one, two = tmp_path / "one", tmp_path / "two"
     done = run(["train", *overrides(assets, one, 4), f"method={method}", "--quiet"], 1)
@@ -126,7 +126,8 @@ def test_fsdp_shards_the_quantized_base_and_trains_the_same_adapter(assets, tmp_
     assert_same_adapter(adapter(two), adapter(one))
     fsdp = json.loads((two / "summary.json").read_text())["fsdp"]
     assert fsdp["blocks"] == 2
-    # each process keeps half of the blocks' packed codes and scales (dim-0 pieces, padded to equal size)
+    # each process keeps half of the blocks' frozen tensors: packed codes and scales, or dense weights
+    # (dim-0 pieces, padded to equal size)
     assert fsdp["sharded_base_bytes"] / 2 <= fsdp["local_base_bytes"] <= fsdp["sharded_base_bytes"] / 2 + 1024
 
 
