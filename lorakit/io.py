@@ -50,13 +50,8 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def json_text(data: Any) -> str:
-    """The JSON text lorakit writes: indented, keys sorted, newline-terminated."""
-    return json.dumps(data, indent=2, sort_keys=True) + "\n"
-
-
 def write_json(path: str | os.PathLike, data: Any) -> Path:
-    return write_text(path, json_text(data))
+    return write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:

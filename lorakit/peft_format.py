@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import re
 from pathlib import Path
@@ -40,14 +41,14 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.inject import adapter_state, adapter_to_write, attach_adapter
-from lorakit.io import json_text, read_json, read_safetensors, write_json, write_safetensors, write_text
+from lorakit.io import read_json, read_safetensors, write_json, write_safetensors
 from lorakit.layers import LoraLayer, SavedModule, lora_layers, saved_modules
 from lorakit.walk import layer_kind, matches
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 LORAKIT_FILE = "lorakit.json"
-CONFIG_SHA_KEY = "lorakit.config_sha256"  # in the weights' safetensors metadata
+CONFIG_FINGERPRINT_KEY = "lorakit.config_fingerprint"  # in the weights' safetensors metadata
 PREFIX = "base_model.model."
 
 SUFFIXES = {  # (kind is embedding, tensor) -> PEFT suffix
@@ -77,6 +78,8 @@ PEFT_FIELDS_IGNORED = {  # bookkeeping, or only about how PEFT initialises / wra
 PEFT_FIELDS_UNSUPPORTED = {  # field -> value that is fine; anything else changes the math and is refused
     "use_dora": False, "lora_bias": False,
 }
+# The fields whose values change what a loaded adapter computes: fingerprinted beside the weights.
+MATH_FIELDS = (*PEFT_FIELDS_MAPPED, *QALORA_FIELDS, *PEFT_FIELDS_UNSUPPORTED, "rank_pattern", "alpha_pattern")
 
 
 def save_adapter(model: nn.Module, directory: str | Path, name: str | None = None, *, qalora_as_lora: bool = False) -> Path:
@@ -148,11 +151,12 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
         },
         "base_weights": _describe_base(model, module_names),
     }
-    # Each file is written atomically; the weights (written first) record the config's SHA-256, so a save
-    # interrupted between the two files is caught on load instead of pairing new weights with an old config.
-    config_text = json_text(peft_config)
-    write_safetensors(directory / WEIGHTS_FILE, tensors, metadata={"format": "pt", CONFIG_SHA_KEY: _sha256(config_text)})
-    write_text(directory / CONFIG_FILE, config_text)
+    # Each file is written atomically; the weights (written first) record a fingerprint of the config's
+    # math, so a save interrupted between the two files is caught on load instead of pairing new weights
+    # with an old config.
+    metadata = {"format": "pt", CONFIG_FINGERPRINT_KEY: config_fingerprint(peft_config)}
+    write_safetensors(directory / WEIGHTS_FILE, tensors, metadata=metadata)
+    write_json(directory / CONFIG_FILE, peft_config)
     write_json(directory / LORAKIT_FILE, lorakit_meta)
     return directory
 
@@ -181,20 +185,23 @@ def _describe_base(model: nn.Module, module_names: list[str]) -> dict:
     return {"weight_types": kinds, "quantization": settings or None}
 
 
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+def config_fingerprint(raw: dict) -> str:
+    """SHA-256 of the adapter config's fields that change what the adapter computes (`MATH_FIELDS`); edits
+    to bookkeeping such as base_model_name_or_path leave it unchanged."""
+    fields = {k: raw.get(k) for k in sorted(MATH_FIELDS)}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
-def _check_pair(directory: Path) -> None:
+def _check_pair(directory: Path, raw: dict) -> None:
     """The weights and adapter_config.json come from the same save (checked when lorakit wrote the weights)."""
     from safetensors import safe_open
 
     with safe_open(str(directory / WEIGHTS_FILE), "pt") as f:
-        expected = (f.metadata() or {}).get(CONFIG_SHA_KEY)
-    if expected is not None and expected != _sha256((directory / CONFIG_FILE).read_text(encoding="utf-8")):
+        expected = (f.metadata() or {}).get(CONFIG_FINGERPRINT_KEY)
+    if expected is not None and expected != config_fingerprint(raw):
         raise ValueError(f"{directory}: {CONFIG_FILE} is not the config {WEIGHTS_FILE} was saved with (a save was "
-                         f"interrupted between the two files, or one was edited or copied from another adapter); "
-                         f"save the adapter again")
+                         f"interrupted between the two files, or r / lora_alpha / targets were edited or copied from "
+                         f"another adapter); save the adapter again")
 
 
 def read_peft_config(directory: str | Path) -> tuple[LoraConfig, dict]:
@@ -253,7 +260,7 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
         raise FileNotFoundError(f"adapter directory not found: {directory}")
     config, raw = read_peft_config(directory)
     tensors = read_safetensors(directory / WEIGHTS_FILE, "adapter weights")
-    _check_pair(directory)
+    _check_pair(directory, raw)
     state = adapter_state(model)
     if state.merged:
         raise RuntimeError("the model has merged adapters: call lorakit.unmerge_(model) before loading another")

@@ -360,7 +360,14 @@ def test_a_crash_between_the_adapter_files_is_caught_on_load(ctx, tmp_path, monk
 
     directory = tmp_path / "adapter"
     lorakit.save_adapter(adapted(8), directory)
-    monkeypatch.setattr(peft_format, "write_text", lambda path, text: (_ for _ in ()).throw(KeyboardInterrupt()))
+    write_json = peft_format.write_json
+
+    def killed_before_the_config(path, data):
+        if path.name == peft_format.CONFIG_FILE:
+            raise KeyboardInterrupt
+        return write_json(path, data)
+
+    monkeypatch.setattr(peft_format, "write_json", killed_before_the_config)
     with pytest.raises(KeyboardInterrupt):
         lorakit.save_adapter(adapted(16), directory)  # weights written, config not
     monkeypatch.undo()
@@ -368,6 +375,9 @@ def test_a_crash_between_the_adapter_files_is_caught_on_load(ctx, tmp_path, monk
     with pytest.raises(ValueError, match="is not the config adapter_model.safetensors was saved with"):
         lorakit.load_adapter(fresh, directory)
     lorakit.save_adapter(adapted(16), directory)  # saving again repairs it
+    config = json.loads((directory / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "my/renamed-base"  # bookkeeping edits are fine: not part of the math
+    (directory / "adapter_config.json").write_text(json.dumps(config))
     lorakit.load_adapter(fresh, directory)
 
 
