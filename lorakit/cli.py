@@ -365,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except (ValueError, FileNotFoundError, RuntimeError, ImportError, TypeError) as e:
-        print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
+        rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"lorakit {args.command}: error{rank}: {e}", file=sys.stderr)
         return 2
 
 
