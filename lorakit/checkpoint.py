@@ -78,9 +78,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
             tensors[f"{index_to_name[index]}/{key}"] = value.detach().cpu()
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
               | {"params": [index_to_name[i] for i in g["params"]]} for g in opt["param_groups"]]
-    rng = {"torch": torch.get_rng_state()}
-    for rank, rank_state in enumerate(rng_states or []):
-        rng["torch" if rank == 0 else f"torch.rank{rank}"] = rank_state
+    rng = {"torch" if rank == 0 else f"torch.rank{rank}": rank_state
+           for rank, rank_state in enumerate(rng_states or [torch.get_rng_state()])}
     if torch.cuda.is_available():
         rng |= {f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
     np_state = np.random.get_state()

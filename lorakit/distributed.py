@@ -98,11 +98,7 @@ class World:
         state = torch.get_rng_state()
         if not self.distributed:
             return [state]
-        states = [torch.empty_like(state) for _ in range(self.size)]
-        if self._comm_device.type == "cpu":
-            dist.all_gather(states, state)
-            return states
-        gathered = [s.to(self._comm_device) for s in states]
+        gathered = [torch.empty_like(state, device=self._comm_device) for _ in range(self.size)]
         dist.all_gather(gathered, state.to(self._comm_device))
         return [s.cpu() for s in gathered]
 

@@ -149,24 +149,22 @@ def _read_text(p: Path) -> str:
         raise ValueError(f"{p}:{line}: not UTF-8 text (byte {at}: {e.reason}); save the file as UTF-8") from None
 
 
-def _loads(text: str, where: str, expected: str) -> Any:
+def _loads(text: str, p: Path, line: int | None = None, expected: str = "") -> Any:
+    """json.loads of `text`, which starts at `line` of `p` (None: the whole file); errors name the line."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg}, column {e.colno}){expected}") from None
+        at = (line or 1) + e.lineno - 1
+        raise ValueError(f"{p}:{at}: not valid JSON ({e.msg}, column {e.colno}){expected}") from None
     except (ValueError, RecursionError) as e:  # an integer of over 4300 digits, nesting deeper than the stack
+        where = f"{p}:{line}" if line else str(p)
         raise ValueError(f"{where}: cannot read this JSON ({e}){expected}") from None
 
 
 def _read_json(p: Path) -> tuple[list[Any], list[int], str]:
     text = _read_text(p)
     if p.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
-        except (ValueError, RecursionError) as e:
-            raise ValueError(f"{p}: cannot read this JSON ({e})") from None
+        items = _loads(text, p)
         return items, list(range(1, len(items) + 1)), "row"
     rows, lines = [], []
     # Lines end at LF, CRLF or CR only: str.splitlines would also cut at U+2028, NEL (U+0085) and
@@ -174,7 +172,7 @@ def _read_json(p: Path) -> tuple[list[Any], list[int], str]:
     for n, line in enumerate(_LINE_BREAK.split(text), start=1):
         if not line.strip():
             continue
-        rows.append(_loads(line, f"{p}:{n}", "; expected one JSON object per line"))
+        rows.append(_loads(line, p, n, "; expected one JSON object per line"))
         lines.append(n)
     return rows, lines, "line"
 

@@ -55,12 +55,12 @@ def export_hf(model: nn.Module, directory: str | os.PathLike, tokenizer=None, dt
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"{type(model).__name__} is not a Hugging Face model (no save_pretrained); "
                         "use lorakit.formats.hf.dense_state_dict and save it yourself")
-    state = dense_state_dict(model, dtype)
     directory = Path(directory)
     if directory.exists() and not overwrite and not (directory / MARKER).is_file() and (
             not directory.is_dir() or any(directory.iterdir())):
         raise ValueError(f"{directory} exists and is not an earlier lorakit export; nothing was written. Choose a new "
                          f"directory, or replace it with overwrite=True (lorakit merge/export: --force)")
+    state = dense_state_dict(model, dtype)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
