@@ -57,7 +57,7 @@ TYPES: dict[GGMLQuantizationType, BlockType] = {
     GGMLQuantizationType.Q8_0: BlockType(8, False, 2 + 32),
 }
 
-_DENSE = {"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"}
+DENSE_TYPES = {"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"}  # GGUF types that hold the values themselves
 
 
 class Blocks(NamedTuple):
@@ -92,17 +92,28 @@ def block_type(qtype: GGMLQuantizationType | int | str) -> BlockType:
             f"{qtype.name} is a K-quant (256-weight super-blocks with quantized sub-block scales), not a 32-weight "
             f"block type ({supported}): read it with lorakit.formats.gguf_kquants.decode_k"
         )
-    if qtype.name in _DENSE:
-        raise ValueError(f"{qtype.name} is not block-quantized: load the tensor densely (its data is the values), "
-                         f"then quantize it with lorakit if you want INT-N")
+    check_not_dense(qtype)
     raise ValueError(f"{qtype.name} has no INT-N reading in lorakit: load it densely with gguf.quants.dequantize, "
                      f"or use a GGUF quantized to {supported}")
 
 
-def _check_shape(shape: tuple[int, int], qtype: GGMLQuantizationType) -> tuple[int, int]:
-    if len(shape) != 2 or not all(isinstance(n, (int, np.integer)) and n > 0 for n in shape):
+def check_not_dense(qtype: GGMLQuantizationType) -> None:
+    """A dense GGUF type asked for as a quantized one: say how to load it instead."""
+    if qtype.name in DENSE_TYPES:
+        raise ValueError(f"{qtype.name} is not block-quantized: load the tensor densely (its data is the values), "
+                         f"then quantize it with lorakit if you want INT-N")
+
+
+def rows_cols(shape: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of a 2-D tensor shape, checked to be two positive ints."""
+    if (not isinstance(shape, (tuple, list)) or len(shape) != 2
+            or not all(isinstance(n, (int, np.integer)) and n > 0 for n in shape)):
         raise ValueError(f"shape={shape!r} must be two positive ints (rows, cols) in torch order (GGUF's ne reversed)")
-    rows, cols = int(shape[0]), int(shape[1])
+    return int(shape[0]), int(shape[1])
+
+
+def _check_shape(shape: tuple[int, int], qtype: GGMLQuantizationType) -> tuple[int, int]:
+    rows, cols = rows_cols(shape)
     if cols % BLOCK:
         raise ValueError(f"{qtype.name} tensor of shape {shape}: cols={cols} is not a multiple of the block size "
                          f"{BLOCK}; pass (rows, cols) in torch order (GGUF's ne reversed), or load it densely")

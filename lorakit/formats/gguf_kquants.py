@@ -62,6 +62,8 @@ except ImportError as err:  # the [hf] extra; the rest of lorakit works without 
     raise ImportError("lorakit.formats.gguf_kquants needs the gguf package: pip install 'lorakit[hf]' "
                       "(or pip install gguf)") from err
 
+from lorakit.formats.gguf_blocks import TYPES, as_qtype, check_not_dense, rows_cols  # noqa: E402
+
 QK_K = 256  # weights per super-block, along the input dimension
 
 
@@ -77,8 +79,6 @@ K_TYPES: dict[GGMLQuantizationType, KType] = {
     GGMLQuantizationType.Q6_K: KType(8, 16, 128 + 64 + 16 + 2),
 }
 
-_BLOCK_TYPES = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
-_DENSE = {"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"}
 
 
 class KBlocks(NamedTuple):
@@ -97,30 +97,22 @@ class KBlocks(NamedTuple):
     group_size: int
 
 
-def k_type(qtype: GGMLQuantizationType | int) -> KType:
+def k_type(qtype: GGMLQuantizationType | int | str) -> KType:
     """The table row of `qtype`; a ValueError that says what to do for any other type."""
-    try:
-        qtype = GGMLQuantizationType(qtype)
-    except ValueError:
-        raise ValueError(f"{qtype!r} is not a GGML quantization type") from None
+    qtype = as_qtype(qtype)
     if qtype in K_TYPES:
         return K_TYPES[qtype]
     supported = ", ".join(t.name for t in K_TYPES)
-    if qtype.name in _BLOCK_TYPES:
+    if qtype in TYPES:
         raise ValueError(f"{qtype.name} is a 32-weight block type, not a K-quant: decode it with "
                          f"lorakit.formats.gguf_blocks.decode")
-    if qtype.name in _DENSE:
-        raise ValueError(f"{qtype.name} is not block-quantized: load the tensor densely (its data is the values), "
-                         f"then quantize it with lorakit if you want INT-N")
+    check_not_dense(qtype)
     raise ValueError(f"{qtype.name} has no INT-N reading in lorakit (K-quants supported: {supported}): "
                      f"load it densely with gguf.quants.dequantize, or use a GGUF quantized to {supported}")
 
 
 def _check_shape(shape: tuple[int, int], qtype: GGMLQuantizationType) -> tuple[int, int]:
-    if (not isinstance(shape, (tuple, list)) or len(shape) != 2
-            or not all(isinstance(n, (int, np.integer)) and n > 0 for n in shape)):
-        raise ValueError(f"shape={shape!r} must be two positive ints (rows, cols) in torch order (GGUF's ne reversed)")
-    rows, cols = int(shape[0]), int(shape[1])
+    rows, cols = rows_cols(shape)
     if cols % QK_K:
         raise ValueError(f"{qtype.name} tensor of shape {tuple(shape)}: cols={cols} is not a multiple of the "
                          f"super-block size {QK_K}; pass (rows, cols) in torch order (GGUF's ne reversed). llama.cpp "
