@@ -20,14 +20,13 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from lorakit.io import _fsync_dir, read_json, read_safetensors, write_json, write_safetensors
+from lorakit.io import _fsync_dir, read_json, read_safetensors, temp_dir_beside, write_json, write_safetensors
 
 PREFIX = "step-"
 
@@ -92,8 +91,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, optimizer:
         "numpy_rng": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
     }
     target = checkpoint_dir(Path(run_dir), step)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = temp_dir_beside(target)
     try:
         write_safetensors(tmp / "trainable.safetensors", {n: p.detach() for n, p in params.items()})
         write_safetensors(tmp / "optimizer.safetensors", tensors)

@@ -12,9 +12,12 @@ grad is enabled. The non-reentrant variant passes keyword arguments through (HF 
 ``position_embeddings``, ``attention_mask``, ...) and yields gradients for parameters inside the
 block even when the block's inputs do not require grad, as with adapters on a frozen base.
 
-A key/value cache cannot be checkpointed (the recompute would append to it a second time), so
-while checkpointing, ``use_cache`` is passed as False and ``past_key_values`` / ``past_key_value``
-/ ``layer_past`` as None, as transformers' own checkpointing does. Training does not use a cache.
+A key/value cache cannot be checkpointed (the recompute would append to it a second time, and
+attention then sees twice the keys: transformers 5.24's "size of tensor a (48) must match ... (24)"),
+so while checkpointing, ``use_cache`` is passed as False and the cache as None, as transformers' own
+checkpointing does. The cache argument has had several names (``past_key_values``,
+``past_key_value``, ``layer_past``, and ``cache`` since transformers 5.24), so besides those names any
+keyword argument holding a transformers ``Cache`` object is dropped too. Training does not use a cache.
 """
 
 from __future__ import annotations
@@ -26,7 +29,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 _INNER = "_lorakit_unchecked_forward"  # the block's forward before wrapping
-_CACHE_OFF = {"use_cache": False, "past_key_values": None, "past_key_value": None, "layer_past": None}
+_CACHE_OFF = {"use_cache": False, "past_key_values": None, "past_key_value": None, "layer_past": None, "cache": None}
+
+
+def _is_cache(value) -> bool:
+    """A transformers ``Cache`` (any subclass), recognised without importing transformers."""
+    return any(cls.__name__ == "Cache" for cls in type(value).__mro__)
 
 
 def _checkpointed_forward(self: nn.Module, *args, **kwargs):
@@ -35,6 +43,7 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     if not (self.training and torch.is_grad_enabled()):
         return inner(*args, **kwargs)
     kwargs.update({key: value for key, value in _CACHE_OFF.items() if key in kwargs})
+    kwargs.update({key: None for key, value in kwargs.items() if _is_cache(value)})
     return checkpoint(inner, *args, use_reentrant=False, **kwargs)
 
 

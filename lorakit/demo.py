@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -21,14 +22,22 @@ QUESTIONS = ("What does `shlex.quote` do?", "What does `math.isclose` do?")  # v
 
 
 def answer(model, tokenizer, question: str, max_new_tokens: int = 48) -> str:
-    """Greedy answer in the model's chat template."""
+    """Greedy answer in the model's chat template (a quantized base is dequantized once, not once per token)."""
+    from lorakit.quant.linear import dequantize_once
+
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                            tokenize=False)
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    with torch.no_grad():
+    with torch.no_grad(), dequantize_once():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def relative_link(target: str | Path, base: str | Path) -> str:
+    """`target` as a Markdown link relative to the directory `base`, whichever of the two is relative to the
+    working directory and which absolute (the trainer resolves its run directory; `--out` may be either)."""
+    return Path(os.path.relpath(Path(target).resolve(), Path(base).resolve())).as_posix()
 
 
 def run_demo(out_dir: str | Path = "runs/demo", steps: int = 40, progress: bool = True) -> Path:
@@ -39,7 +48,7 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int = 40, progress: bool 
     from lorakit.run_config import load_config
     from lorakit.train import evaluate, load_examples, load_model, load_trained, pad_id_of, train
 
-    out = Path(out_dir).expanduser()
+    out = Path(out_dir).expanduser().resolve()  # the report names every artefact by one kind of path
     if (out / "run").exists():
         raise ValueError(f"{out} already holds a demo run; pass --out with a new directory (nothing is overwritten)")
     t0 = time.perf_counter()
@@ -88,7 +97,8 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int = 40, progress: bool 
         "| | validation perplexity |", "|---|---:|",
         f"| base ({compute} compute) | {ppl_before:.3f} |", f"| after QA-LoRA, adapter ({compute} compute) | {ppl_after:.3f} |",
         f"| merged into the Q4_1 offsets (float32 compute, as exported) | {merged_ppl:.3f} |", "",
-        f"GGUF export: {report.counts()}; largest weight difference from the trained model: "
+        f"GGUF export, tensors: {', '.join(f'{n} {kind}' for kind, n in report.counts().items())}; largest weight "
+        "difference from the trained model: "
         f"{report.max_abs_error:.3g} (0 means the file is exactly the trained model).", "",
         "## Answers", "",
     ]
@@ -99,7 +109,7 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int = 40, progress: bool 
         f"- fine-tuned GGUF (runs in llama.cpp): `{gguf_out}` ({gguf_out.stat().st_size / 2**20:.1f} MB)",
         f"- adapter (PEFT format): `{run / 'adapter'}`",
         f"- loss curve: `{run / 'loss_curve.png'}`", "",
-        f"![loss curve]({(run / 'loss_curve.png').relative_to(out)})", "",
+        f"![loss curve]({relative_link(run / 'loss_curve.png', out)})", "",
         f"- metrics: `{run / 'metrics.jsonl'}`; resolved config: `{run / 'config.yaml'}`",
         f"- training: {result.steps} steps in {result.seconds:.0f} s ({result.useful_tokens_per_s:.0f} loss-bearing "
         f"tokens/s); the whole demo took {time.perf_counter() - t0:.0f} s", "",

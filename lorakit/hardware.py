@@ -64,6 +64,17 @@ def _matmul_seconds(dtype: torch.dtype, n: int = 256, repeats: int = 3) -> float
 
 
 @functools.cache
+def bf16_probe() -> dict:
+    """What `cpu_has_fast_bf16` decides from: the CPU's native bf16 flags (None: flags unknown), and, where
+    the flags allow bf16, the timed 256 x 256 matmul in fp32 and bf16 (seconds, best of 3). Once per process."""
+    flags = cpu_flags()
+    native = None if flags is None else sorted(flags & _NATIVE_BF16_FLAGS)
+    if native == []:
+        return {"native_flags": native, "fp32_s": None, "bf16_s": None, "fast": False}
+    fp32, bf16 = _matmul_seconds(torch.float32), _matmul_seconds(torch.bfloat16)
+    return {"native_flags": native, "fp32_s": fp32, "bf16_s": bf16, "fast": bf16 * _FAST_ENOUGH <= fp32}
+
+
 def cpu_has_fast_bf16() -> bool:
     """True when this CPU multiplies bf16 natively and PyTorch's bf16 matmul is not slower
     than half the fp32 speed.
@@ -73,10 +84,25 @@ def cpu_has_fast_bf16() -> bool:
     confirm that the kernels PyTorch dispatches to use them. Where the flags are unknown (no /proc/cpuinfo) the timing
     alone decides.
     """
-    flags = cpu_flags()
-    if flags is not None and not flags & _NATIVE_BF16_FLAGS:
-        return False
-    return _matmul_seconds(torch.bfloat16) * _FAST_ENOUGH <= _matmul_seconds(torch.float32)
+    return bf16_probe()["fast"]
+
+
+def compute_dtype_reason(device: torch.device | str | None = None) -> str:
+    """Why `default_compute_dtype(device)` picks what it picks, in one line (for `lorakit env`)."""
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda":
+        return ("bf16 supported by this GPU" if torch.cuda.is_bf16_supported()
+                else "this GPU has no bf16 (before Ampere): fp16 with loss scaling")
+    if device.type != "cpu":
+        return f"{device.type}: float32 (bf16 support varies; fp16 needs loss scaling)"
+    probe = bf16_probe()
+    if probe["native_flags"] == []:
+        return "no native bf16 in the CPU flags (avx512_bf16 / amx_bf16 / bf16): emulated bf16 is ~300x slower"
+    gflops = {k: 2 * 256**3 / probe[f"{k}_s"] / 1e9 for k in ("fp32", "bf16")}
+    timed = f"256x256 matmul: bf16 {gflops['bf16']:.1f} vs fp32 {gflops['fp32']:.1f} GFLOP/s"
+    flags = "flags unknown" if probe["native_flags"] is None else "CPU flags " + ", ".join(probe["native_flags"])
+    verdict = "bf16 is fast" if probe["fast"] else f"bf16 under {_FAST_ENOUGH:.0%} of fp32 speed: float32"
+    return f"{flags}; {timed}; {verdict}"
 
 
 def default_device() -> torch.device:

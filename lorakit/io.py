@@ -1,12 +1,19 @@
 """Atomic file writes: a file is written under a temporary name beside its target, flushed to
 disk, then renamed over the target. A crash or SIGKILL at any point leaves either the old file
-or the new one, never a torn one. Every file lorakit writes goes through here."""
+or the new one, never a torn one. Every file lorakit writes goes through here.
+
+Permissions are what a plain ``open(path, "w")`` would give: a new file gets 0o666 minus the
+process's umask (``-rw-r--r--`` under the usual umask 022), and a file that is replaced keeps its
+mode. ``mkstemp`` alone creates 0o600, which would leave an exported GGUF unreadable to the
+llama.cpp server, Ollama service or teammate running as another user."""
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,11 +25,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     """Call `write(tmp_path)`, fsync it, and rename it to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = _mode_for(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # after write: a writer that recreates the file would reset it
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -31,6 +40,47 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
             tmp.unlink()
     _fsync_dir(path.parent)
     return path
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process's umask. Reading it means setting it, so the read is locked against other threads."""
+    with _UMASK_LOCK:
+        current = os.umask(0o022)
+        os.umask(current)
+    return current
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits `path` gets: its own if it exists, else 0o666 minus the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def temp_dir_beside(target: Path) -> Path:
+    """A new empty directory beside `target`, to be filled and renamed onto it, with the permissions a
+    plain ``mkdir(target)`` would have (``mkdtemp`` alone makes it 0o700, private to this user)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        mode = 0o777 & ~_umask()
+    os.chmod(tmp, mode)
+    return tmp
+
+
+def plain_modes_(directory: Path) -> None:
+    """Give every file and folder under a new `directory` the mode a plain write would have. For trees that
+    another library filled (``save_pretrained`` in transformers 5.24 writes model.safetensors as 0o600)."""
+    umask = _umask()
+    for path in directory.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -128,3 +128,36 @@ def test_refuses_double_checkpointing_and_bad_blocks():
         enable_gradient_checkpointing(model, model.model)
     with pytest.raises(ValueError, match="blocks="):
         find_blocks(torch.nn.Linear(2, 2))
+
+
+def test_a_cache_under_any_argument_name_is_not_passed_to_the_recompute():
+    """transformers has renamed the cache argument (past_key_value, past_key_values, layer_past, cache in 5.24);
+    a block that appended to a cache in forward and again in the recompute would see twice the keys."""
+
+    class Cache:  # what transformers' caches derive from, matched by name
+        def __init__(self):
+            self.appended = 0
+
+    class DynamicCache(Cache):
+        pass
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+
+        def forward(self, x, some_future_name=None, use_cache=True):
+            if some_future_name is not None:
+                some_future_name.appended += 1
+            return self.linear(x)
+
+    blocks = torch.nn.ModuleList([Block(), Block()])
+    enable_gradient_checkpointing(torch.nn.Sequential(), blocks)
+    cache, x = DynamicCache(), torch.randn(2, 4)
+    out = blocks[1](blocks[0](x, some_future_name=cache), some_future_name=cache)
+    out.sum().backward()
+    assert cache.appended == 0 and blocks[0].linear.weight.grad is not None
+    blocks.eval()
+    with torch.no_grad():
+        blocks[0](x, some_future_name=cache)  # no checkpoint outside training: the cache is used
+    assert cache.appended == 1

@@ -19,9 +19,10 @@ pytest.importorskip("transformers")
 
 from lorakit.distributed import World, split_rows  # noqa: E402
 from lorakit.progress import read_metrics  # noqa: E402
-from train_fixtures import tiny_assets, tiny_run_overrides  # noqa: E402
+from train_fixtures import FREEZE_AFTER_STEP, kill_after_step, tiny_assets, tiny_run_overrides  # noqa: E402
 
 STEPS = 4
+ENV = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +36,20 @@ def overrides(assets, out: Path, batch_size: int) -> list[str]:
             "train.save_every=2", "train.eval_every=2", "adapter.dropout=0"]
 
 
-def run(args: list[str], processes: int, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+def command(args: list[str], processes: int, entry: list[str] = ("-m", "lorakit")) -> list[str]:
     if processes == 1:
-        command = [sys.executable, "-m", "lorakit", *args]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-                   "-m", "lorakit", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        return [sys.executable, *entry, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *entry, *args]
+
+
+def run(args: list[str], processes: int) -> subprocess.CompletedProcess:
+    return subprocess.run(command(args, processes), capture_output=True, text=True, env={**os.environ, **ENV},
+                          timeout=600)
+
+
+def killed_after_step_3(args: list[str], out: Path, processes: int) -> subprocess.CompletedProcess:
+    """The run SIGKILLed from outside after step 3, its newest checkpoint being step 2."""
+    return kill_after_step(command(args, processes, [str(FREEZE_AFTER_STEP), "3"]), out, 3, env=ENV)
 
 
 def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -86,8 +93,8 @@ def test_two_processes_with_batch_b_equal_one_process_with_batch_2b(assets, refe
 
 def test_a_two_process_checkpoint_resumes_on_one_process(assets, reference, tmp_path):
     out = tmp_path / "run"
-    killed = run(["train", *overrides(assets, out, 2), "--quiet"], 2, env={"LORAKIT_TEST_KILL_AFTER_STEP": "2"})
-    assert killed.returncode != 0  # both processes killed themselves after the step-2 checkpoint
+    killed = killed_after_step_3(["train", *overrides(assets, out, 2), "--quiet"], out, 2)
+    assert killed.returncode == -9  # both processes killed from outside after step 3 (checkpoint 2 is the newest)
     assert not (out / "adapter").exists()
     state = json.loads((out / "checkpoints" / "step-000002" / "state.json").read_text())
     assert state["processes"] == 2 and state["global_batch"] == 4
@@ -99,7 +106,7 @@ def test_a_two_process_checkpoint_resumes_on_one_process(assets, reference, tmp_
 
 def test_a_one_process_checkpoint_resumes_on_two_processes(assets, reference, tmp_path):
     out = tmp_path / "run"
-    killed = run(["train", *overrides(assets, out, 4), "--quiet"], 1, env={"LORAKIT_TEST_KILL_AFTER_STEP": "2"})
+    killed = killed_after_step_3(["train", *overrides(assets, out, 4), "--quiet"], out, 1)
     assert killed.returncode == -9
     resumed = run(["train", "--resume", str(out), "--quiet"], 2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -108,7 +115,7 @@ def test_a_one_process_checkpoint_resumes_on_two_processes(assets, reference, tm
 
 def test_a_global_batch_the_processes_cannot_split_is_refused(assets, tmp_path):
     out = tmp_path / "run"
-    killed = run(["train", *overrides(assets, out, 3), "--quiet"], 1, env={"LORAKIT_TEST_KILL_AFTER_STEP": "2"})
+    killed = killed_after_step_3(["train", *overrides(assets, out, 3), "--quiet"], out, 1)
     assert killed.returncode == -9
     resumed = run(["train", "--resume", str(out), "--quiet"], 2)
     assert resumed.returncode != 0

@@ -7,9 +7,9 @@ from lorakit.hardware import default_compute_dtype, default_device, resolve_comp
 
 @pytest.fixture
 def fresh_detection():
-    hardware.cpu_has_fast_bf16.cache_clear()
+    hardware.bf16_probe.cache_clear()
     yield
-    hardware.cpu_has_fast_bf16.cache_clear()
+    hardware.bf16_probe.cache_clear()
 
 
 @pytest.mark.parametrize(

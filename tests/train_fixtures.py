@@ -3,7 +3,12 @@ what the trainer and CLI tests run on (a training step takes milliseconds)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -53,3 +58,51 @@ def tiny_assets(tmp_path_factory, name: str = "assets") -> tuple[Path, Path]:
         pytest.skip(str(e))
     d = tmp_path_factory.mktemp(name)
     return make_tiny_model_dir(d / "model"), make_instruction_file(d / "train.jsonl")
+
+
+FREEZE_AFTER_STEP = Path(__file__).parent / "freeze_after_step.py"
+
+
+def kill_after_step(command: list[str], run_dir: Path, step: int, env: dict | None = None,
+                    timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `command`, whose entry point is `FREEZE_AFTER_STEP` with `step` as its first argument; wait until
+    the run's metrics.jsonl holds the training loss of `step` (the process then stands frozen), and SIGKILL
+    it and all its child processes from outside. Returns the finished process (returncode -9 when killed)."""
+    from lorakit.progress import read_metrics
+
+    metrics = run_dir / "metrics.jsonl"
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, **(env or {})}, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not (metrics.exists() and any(m["step"] == step and "loss" in m for m in read_metrics(metrics))):
+        if process.poll() is not None or time.monotonic() > deadline:
+            _kill_tree(process.pid)
+            out, err = process.communicate()
+            raise AssertionError(f"step {step} never reached {metrics} (exit {process.returncode}):\n{err[-3000:]}")
+        time.sleep(0.02)
+    _kill_tree(process.pid)
+    out, err = process.communicate()
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and every process below it: torchrun starts its workers in sessions of their own, so
+    killing the process group would leave them running."""
+    for victim in [pid, *_descendants(pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` in the process tree (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lorakit.io import write_json
+from lorakit.io import plain_modes_, temp_dir_beside, write_json
 from lorakit.layers import LoraLayer, SavedModule
 from lorakit.quant.linear import QuantizedLinear
 
@@ -61,13 +60,13 @@ def export_hf(model: nn.Module, directory: str | os.PathLike, tokenizer=None, dt
         raise ValueError(f"{directory} exists and is not an earlier lorakit export; nothing was written. Choose a new "
                          f"directory, or replace it with overwrite=True (lorakit merge/export: --force)")
     state = dense_state_dict(model, dtype)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp = temp_dir_beside(directory)
     try:
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_json(tmp / MARKER, {"written_by": "lorakit.export_hf", "dtype": str(dtype or "as trained")})
+        plain_modes_(tmp)
         old = None
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")

