@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from lorakit.io import check_safetensors, read_json
 from lorakit.peft_format import CONFIG_FILE, LORAKIT_FILE, PREFIX, WEIGHTS_FILE, read_peft_config
 
 
@@ -20,22 +21,20 @@ def inspect_adapter(directory: Path) -> dict:
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing: {directory} is not a complete adapter directory")
+    check_safetensors(weights, "adapter weights")  # a damaged file is a clear error, not a SafetensorError
     modules, params, dtypes, ranks = set(), 0, set(), set()
     with safe_open(str(weights), framework="pt") as f:
         for key in f.keys():
             piece = f.get_slice(key)
             shape = piece.get_shape()
-            n = 1
-            for d in shape:
-                n *= d
-            params += n
+            params += math.prod(shape)
             dtypes.add(str(piece.get_dtype()))
             for suffix in (".lora_A.weight", ".lora_embedding_A"):
                 if key.endswith(suffix):
                     modules.add(key[len(PREFIX): -len(suffix)])
                     ranks.add(shape[0])
     files = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
-    meta = json.loads((directory / LORAKIT_FILE).read_text()) if (directory / LORAKIT_FILE).is_file() else None
+    meta = read_json(directory / LORAKIT_FILE, "lorakit metadata") if (directory / LORAKIT_FILE).is_file() else None
     return {
         "directory": str(directory),
         "peft_type": raw.get("peft_type", "LORA"),
@@ -189,6 +188,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         lorakit.export_gguf_adapter(model, out, template=args.template)
         print(f"wrote {out} ({_human(out.stat().st_size)}): llama.cpp LoRA adapter for the base's tensors")
         return 0
+    if args.format == "ollama":  # a directory: the GGUF that --format gguf writes, and a Modelfile beside it
+        from lorakit.formats.ollama import GGUF_FILE
+
+        if out.is_file():
+            raise ValueError(f"--format ollama writes a directory ({GGUF_FILE} and a Modelfile), but {out} is a file: "
+                             f"give a directory")
+        out = out / GGUF_FILE
     if qalora:
         lorakit.merge_(model)  # exact: into the INT-N offsets
     else:
@@ -200,6 +206,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     report = lorakit.export_gguf(model, out, template=args.template, merged=str(adapter), overwrite=args.force)
     print(report)
     print(f"wrote {out} ({_human(out.stat().st_size)})")
+    if args.format == "ollama":
+        from lorakit.formats.ollama import write_modelfile
+
+        try:
+            modelfile = write_modelfile(out)
+        except ValueError as e:
+            raise ValueError(f"wrote {out} but no Modelfile: {e}") from None
+        print(f"wrote {modelfile}: ollama create NAME -f {modelfile} && ollama run NAME")
     return 0
 
 
@@ -304,9 +318,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from lorakit.ui.app import serve
+
+    serve(args.port)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from lorakit.plot import plot_runs
+
+    print(f"wrote {plot_runs(args.runs, args.out)}")
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from lorakit.env_report import environment_report, format_report
+
+    report = environment_report()
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA / QLoRA / QA-LoRA fine-tuning on the hardware you have")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("env", help="versions, device, compute dtype and why, threads: paste it into a problem report")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_env)
     p = sub.add_parser("inspect", help="print an adapter directory's or a GGUF file's contents")
     p.add_argument("path", help="adapter directory (adapter_config.json + adapter_model.safetensors) or FILE.gguf")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -318,6 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint, exactly")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("plot", help="draw the loss and lr curves of one or more runs into one image, e.g. "
+                                    "LoRA vs QLoRA vs QA-LoRA (needs matplotlib: pip install 'lorakit[plot]')")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (output_dir of lorakit train)")
+    p.add_argument("--out", required=True, help="image file to write: .png (or .svg, .pdf)")
+    p.set_defaults(func=cmd_plot)
     p = sub.add_parser("eval", help="perplexity of a run's model on its validation split or --data")
     p.add_argument("run", help="run directory (output_dir of lorakit train)")
     p.add_argument("--data", help="a JSONL/CSV/Parquet file to evaluate instead")
@@ -342,18 +386,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=40, help="training steps (default 40, a few minutes on 2 cores)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("export", help="merge an adapter into its base and write it (GGUF, Hugging Face), "
+    p = sub.add_parser("export", help="merge an adapter into its base and write it (GGUF, Ollama, Hugging Face), "
                                       "or write the adapter alone (llama.cpp GGUF adapter, PEFT)")
     p.add_argument("run", nargs="?", help="run directory of lorakit train (or use --adapter and --base)")
     p.add_argument("--adapter", help="adapter directory written by lorakit (PEFT format)")
     p.add_argument("--base", help="the base it was trained on: FILE.gguf or a Hugging Face directory "
                                   "(default: the embedded SmolLM2-135M-Instruct GGUF)")
-    p.add_argument("--format", choices=["gguf", "gguf-adapter", "hf", "peft"], default="gguf")
+    p.add_argument("--format", choices=["gguf", "gguf-adapter", "hf", "peft", "ollama"], default="gguf")
     p.add_argument("--template", help="GGUF whose metadata and layout to write into (default: the base's own file)")
-    p.add_argument("--out", required=True, help="output .gguf file (or directory for --format hf)")
+    p.add_argument("--out", required=True, help="output .gguf file (or directory for --format hf, ollama)")
     p.add_argument("--force", action="store_true", help="replace --out even if it is the base GGUF itself, or a "
                                                        "directory that is not an earlier lorakit export")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("ui", help="the whole workflow in a local web page (needs gradio: pip install 'lorakit[ui]')")
+    p.add_argument("--port", type=int, default=7860, help="serve on http://127.0.0.1:PORT (default 7860; local only)")
+    p.set_defaults(func=cmd_ui)
     return parser
 
 

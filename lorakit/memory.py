@@ -59,6 +59,15 @@ def peak_rss_bytes() -> int:
     return maxrss if sys.platform == "darwin" else maxrss * 1024  # bytes on macOS, kB elsewhere
 
 
+def peak_memory_bytes(device: torch.device | str | None = None) -> int:
+    """The memory peak a training run reports: `torch.cuda.max_memory_allocated` (tensor memory) on a
+    CUDA device, else this process's RSS high-water mark (`peak_rss_bytes`)."""
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return peak_rss_bytes()
+
+
 def reset_peak_rss() -> bool:
     """Reset the RSS high-water mark to the current RSS. True if it was reset; False where the
     OS does not allow it (not Linux, or /proc/self/clear_refs not writable): `peak_rss_bytes()`

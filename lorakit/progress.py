@@ -3,9 +3,13 @@
 The training loop calls ``bar.update(...)`` and ``log.log(...)`` once per step with numbers it
 already has; neither reaches into the step, and both can be dropped without changing training.
 
-``ProgressBar`` redraws one line in place (``\\r``) on a terminal. Anywhere else (CI, a file, a
-pipe) it prints a plain line every ``max(1, total_steps // 20)`` steps and at the last step, so a
-log holds about 20 lines per run. The ETA is
+A progress line shows the step, the train loss, the learning rate, useful tokens per second (tokens
+that carry a loss, so padding and prompts do not count), the peak memory so far (`peak_memory_bytes`
+in `lorakit.memory`), the elapsed time and an ETA. On a terminal it is a tqdm bar redrawn in place
+(tqdm is optional: ``pip install 'lorakit[plot]'``; its ETA uses tqdm's smoothed step rate).
+Anywhere else (CI, a file, a pipe), or without tqdm, it prints a plain line every
+``max(1, total_steps // 20)`` steps and at the last step, so a log holds about 20 lines per run.
+The plain line's ETA is
 
     ETA = (total_steps - step) * mean step time over the last ``_WINDOW`` steps,
 
@@ -31,8 +35,8 @@ from typing import Any, TextIO
 
 from lorakit.io import write_text
 
-_WINDOW = 20  # steps in the moving average behind the ETA
-_TTY_REDRAW_S = 0.1  # a terminal line is redrawn at most this often (except the last step)
+_WINDOW = 20  # steps in the moving average behind the plain line's ETA
+_TTY_REDRAW_S = 0.1  # a terminal line is redrawn at most this often (and at the last step)
 
 
 def _hms(seconds: float | None) -> str:
@@ -42,78 +46,87 @@ def _hms(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _memory(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
 class ProgressBar:
     """Progress of `total_steps` optimizer steps on `stream`; `enabled=False` writes nothing."""
 
-    def __init__(self, total_steps: int, stream: TextIO = sys.stderr, enabled: bool = True, width: int = 30):
+    def __init__(self, total_steps: int, stream: TextIO = sys.stderr, enabled: bool = True):
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"total_steps={total_steps!r}: the progress bar needs a positive whole number of steps")
-        if width < 1:
-            raise ValueError(f"width={width!r}: the bar needs at least 1 character")
-        self.total_steps, self.stream, self.enabled, self.width = total_steps, stream, enabled, width
+        self.total_steps, self.stream, self.enabled = total_steps, stream, enabled
         isatty = getattr(stream, "isatty", None)
-        self.tty = bool(isatty and isatty())
-        self.every = max(1, total_steps // 20)  # plain-line interval when not a terminal
+        self._tqdm_type = _tqdm() if isatty and isatty() else None  # None: plain lines
+        self._bar = None  # the tqdm bar, made at the first update (a resumed run starts part-way)
+        self.every = max(1, total_steps // 20)  # plain-line interval
         self._start = time.monotonic()
         self._window: deque[tuple[float, int]] = deque(maxlen=_WINDOW + 1)  # (time, step)
-        self._last_draw = -math.inf
-        self._drawn_width = 0  # characters of the line now on the terminal
         self._pending: str | None = None  # a plain line not yet printed (the run stopped between intervals)
         self._closed = False
 
-    def update(self, step: int, loss: float, tokens_per_s: float, lr: float | None = None) -> None:
-        """Report that optimizer step `step` (1-based) finished with this loss and throughput."""
+    def update(self, step: int, loss: float, tokens_per_s: float, lr: float | None = None,
+               peak_memory_bytes: int | None = None) -> None:
+        """Report that optimizer step `step` (1-based) finished with this loss, throughput and memory peak."""
         if not self.enabled or self._closed:
+            return
+        numbers = [f"loss {loss:.4f}"] + ([f"lr {lr:.2e}"] if lr is not None else [])
+        numbers.append(f"{tokens_per_s:,.0f} useful tok/s")
+        if peak_memory_bytes is not None:
+            numbers.append(f"peak {_memory(peak_memory_bytes)}")
+        if self._tqdm_type is not None:
+            self._draw(step, " | ".join(numbers))
             return
         now = time.monotonic()
         if not self._window:  # the first step reported (1, or k + 1 on resume) ran since construction
             self._window.append((self._start, step - 1))
         self._window.append((now, step))
-        fields = self._fields(step, loss, tokens_per_s, lr, now)
-        last = step >= self.total_steps
-        if self.tty:
-            if last or now - self._last_draw >= _TTY_REDRAW_S:
-                self._draw(fields, step)
-                self._last_draw = now
-        elif last or step % self.every == 0:
-            self._write(fields + "\n")
+        (t0, s0), (t1, s1) = self._window[0], self._window[-1]
+        eta = (self.total_steps - step) * (t1 - t0) / (s1 - s0) if s1 > s0 else None
+        line = " | ".join([f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}", *numbers,
+                           f"elapsed {_hms(now - self._start)}", f"ETA {_hms(eta)}"])
+        if step >= self.total_steps or step % self.every == 0:
+            self._write(line + "\n")
             self._pending = None
         else:
-            self._pending = fields
+            self._pending = line
 
     def close(self, summary: str | None = None) -> None:
-        """End the progress line (printing the last state if it was not shown) and print `summary`."""
+        """End the progress display (printing the last state if it was not shown) and print `summary`."""
         if not self.enabled or self._closed:
             return
         self._closed = True
-        if self.tty and self._drawn_width:
-            self._write("\n")
+        if self._bar is not None:
+            self._bar.close()
         elif self._pending is not None:
             self._write(self._pending + "\n")
         if summary:
             self._write(summary + "\n")
 
-    def _fields(self, step: int, loss: float, tokens_per_s: float, lr: float | None, now: float) -> str:
-        (t0, s0), (t1, s1) = self._window[0], self._window[-1]
-        eta = (self.total_steps - step) * (t1 - t0) / (s1 - s0) if s1 > s0 else None
-        parts = [f"step {step:>{len(str(self.total_steps))}}/{self.total_steps}", f"loss {loss:.4f}"]
-        if lr is not None:
-            parts.append(f"lr {lr:.2e}")
-        parts += [f"{tokens_per_s:,.0f} tok/s", f"elapsed {_hms(now - self._start)}", f"ETA {_hms(eta)}"]
-        return " | ".join(parts)
-
-    def _draw(self, fields: str, step: int) -> None:
-        fraction = min(max(step / self.total_steps, 0.0), 1.0)
-        filled = int(fraction * self.width)
-        bar = "#" * filled + "." * (self.width - filled)
-        line = f"{fraction:4.0%} [{bar}] {fields}"
-        # Pad with spaces over the rest of a longer previous line.
-        self._write("\r" + line + " " * max(0, self._drawn_width - len(line)))
-        self._drawn_width = len(line)
+    def _draw(self, step: int, numbers: str) -> None:
+        if self._bar is None:
+            self._bar = self._tqdm_type(total=self.total_steps, initial=step - 1, file=self.stream, dynamic_ncols=True,
+                                        mininterval=_TTY_REDRAW_S,
+                                        bar_format="{percentage:3.0f}%|{bar}| step {n}/{total} "
+                                                   "[{elapsed}<{remaining}] {desc}")
+        self._bar.set_description_str(numbers, refresh=False)  # {desc}: the numbers after the bar
+        self._bar.update(step - self._bar.n)
+        if step >= self.total_steps:
+            self._bar.refresh()
 
     def _write(self, text: str) -> None:
         self.stream.write(text)
         self.stream.flush()
+
+
+def _tqdm():
+    """tqdm's bar class, or None when tqdm is not installed (plain lines then)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm
 
 
 class MetricsLog:

@@ -104,7 +104,8 @@ class TrainConfig:
     batch_size * grad_accum examples. `max_grad_norm` 0 turns clipping off; `eval_every` 0 never
     evaluates during training; `save_every` 0 saves a checkpoint only at the end. Under torchrun,
     `batch_size` is per process and `fsdp` shards the frozen base's decoder blocks over the processes
-    (`lorakit.fsdp`)."""
+    (`lorakit.fsdp`). `report_to` also sends the logged numbers to these trackers (`lorakit.trackers`;
+    [] writes metrics.jsonl only)."""
 
     steps: int | None = _setting(None, ge=1)
     epochs: float = _setting(1.0, gt=0)
@@ -121,6 +122,7 @@ class TrainConfig:
     save_every: int = _setting(50, ge=0)
     log_every: int = _setting(1, ge=1)
     seed: int = _setting(0, ge=0)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _validate(self, "train")
@@ -317,9 +319,9 @@ def _coerce(value: Any, hint: Any) -> Any:
         if any(value == choice and type(value) is type(choice) for choice in args):
             return value
         raise _Mismatch
-    if origin is list:
-        if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value):
-            return list(value)
+    if origin is list:  # a list of choices may choose none; a list of names may not be empty
+        if isinstance(value, (list, tuple)) and (value or typing.get_origin(args[0]) is Literal):
+            return [_coerce(v, args[0]) for v in value]
         raise _Mismatch
     if hint is bool and isinstance(value, bool):
         return value
@@ -346,6 +348,8 @@ def _describe(hint: Any, bounds: Mapping[str, Any]) -> str:
         return " or ".join(_describe(arg, bounds) if arg is not type(None) else "null" for arg in args)
     if origin is Literal:
         return f"one of {list(args)}"
+    if origin is list and typing.get_origin(args[0]) is Literal:
+        return f"a list of names from {list(typing.get_args(args[0]))}, or [] for none"
     if origin is list:
         return "a list of non-empty strings"
     if hint is bool:
@@ -360,6 +364,12 @@ def _describe(hint: Any, bounds: Mapping[str, Any]) -> str:
 
 
 def _suggest(value: Any, hint: Any) -> str:
+    if typing.get_origin(hint) is list and typing.get_origin(typing.get_args(hint)[0]) is Literal:
+        choice = typing.get_args(hint)[0]
+        if isinstance(value, str):
+            return f" (a list, e.g. [{value}])" if value in typing.get_args(choice) else _suggest(value, choice)
+        bad = [v for v in value if v not in typing.get_args(choice)] if isinstance(value, (list, tuple)) else []
+        return _suggest(bad[0], choice) if bad else ""
     if typing.get_origin(hint) is Literal and isinstance(value, str):
         close = difflib.get_close_matches(value, [c for c in typing.get_args(hint) if isinstance(c, str)], n=1)
         if close:

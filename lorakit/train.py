@@ -3,10 +3,11 @@
 A run reads a `RunConfig` (`lorakit.run_config`) and writes, under ``output_dir``:
 
     config.yaml         the resolved config (merge, export and eval read it back)
-    metrics.jsonl       one line per logged step: loss, lr, grad_norm, tokens/s; and validation loss/ppl
+    metrics.jsonl       one line per logged step: loss, lr, grad_norm, tokens/s, peak memory; and validation loss/ppl
     checkpoints/        step-NNNNNN/: adapter, optimizer, scheduler, RNG, data position (`lorakit.checkpoint`)
     adapter/            the final adapter, PEFT format (adapter_config.json, adapter_model.safetensors)
-    loss_curve.png      train and validation loss
+    loss_curve.png      train loss (raw and smoothed), validation loss and lr (`lorakit.plot`; needs matplotlib)
+    tensorboard/ wandb/ mlruns/   what the trackers of `train.report_to` write (`lorakit.trackers`)
     summary.json        what was trained, for how long, and how well
 
 One optimizer step = `grad_accum` micro-batches of `batch_size` examples. The loss of a step is the
@@ -28,8 +29,6 @@ then takes global / P' rows) and continues with the same batches.
 from __future__ import annotations
 
 import math
-import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,9 +288,10 @@ def train(config, *, resume: bool = False, progress: bool = True, model=None, to
 
 def _train(config, resume: bool, progress: bool, model, tokenizer, world: World) -> TrainResult:
     import lorakit
-    from lorakit.plot import loss_curve_png
+    from lorakit.memory import peak_memory_bytes
     from lorakit.progress import MetricsLog, ProgressBar
     from lorakit.run_config import save_config
+    from lorakit.trackers import Report, open_trackers
 
     config = absolute_paths(config)
     run_dir = Path(config.output_dir)
@@ -307,6 +307,7 @@ def _train(config, resume: bool, progress: bool, model, tokenizer, world: World)
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
+    trackers = open_trackers(config, run_dir, checkpoint) if world.main else []  # before the model: fails fast
     torch.manual_seed(t.seed)
     if model is None:
         model, tokenizer = _load_for_training(config)
@@ -340,7 +341,8 @@ def _train(config, resume: bool, progress: bool, model, tokenizer, world: World)
         state = _load_checkpoint(checkpoint, model, optimizer, scheduler, world)
         step, epoch, batch_index = state["step"], state["epoch"], state["batch"]
         tokens_seen, seconds, valid_before = state["tokens"], state["seconds"], state.get("valid_loss_before")
-    metrics = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=step if checkpoint else -1) if world.main else None
+    metrics = (Report(MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=step if checkpoint else -1), trackers)
+               if world.main else None)  # metrics.jsonl, and each tracker of train.report_to
     log = metrics.log if metrics else (lambda *a, **k: None)
     if valid_examples and valid_before is None:
         valid_before = evaluate(model, valid_examples, pad, world=world)
@@ -350,7 +352,6 @@ def _train(config, resume: bool, progress: bool, model, tokenizer, world: World)
     model.train()
     last_loss, valid_loss = _last_losses(run_dir) if checkpoint is not None else (float("nan"), None)
     sent_bytes, comm_seconds, first_step = 0, 0.0, step
-    kill_at = int(os.environ.get("LORAKIT_TEST_KILL_AFTER_STEP", "0"))  # for the kill-and-resume test
     while step < total_steps:
         start = time.perf_counter()
         micro = []
@@ -394,14 +395,15 @@ def _train(config, resume: bool, progress: bool, model, tokenizer, world: World)
         tokens_seen += n_tokens
         last_loss = loss_sum / max(n_tokens, 1)
         speed = n_tokens / elapsed if elapsed > 0 else 0.0
+        peak = peak_memory_bytes(world.device)
         if step % t.log_every == 0 or step == total_steps:
             log(step, loss=last_loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm, tokens_per_s=speed,
-                epoch=epoch, **({"allreduce_bytes": sent_bytes} if world.distributed else {}))
-        bar.update(step, last_loss, speed, lr=scheduler.get_last_lr()[0])
-        if valid_examples and (step % t.eval_every == 0 or step == total_steps):
+                peak_memory_bytes=peak, epoch=epoch, **({"allreduce_bytes": sent_bytes} if world.distributed else {}))
+        bar.update(step, last_loss, speed, lr=scheduler.get_last_lr()[0], peak_memory_bytes=peak)
+        if valid_examples and (_every(step, t.eval_every) or step == total_steps):
             valid_loss = evaluate(model, valid_examples, pad, world=world)
             log(step, valid_loss=valid_loss, valid_ppl=math.exp(valid_loss))
-        if step % t.save_every == 0 or step == total_steps:
+        if _every(step, t.save_every) or step == total_steps:
             rng = world.gather_rng()
             if world.main:
                 save_checkpoint(run_dir, step, model, optimizer, scheduler,
@@ -409,8 +411,6 @@ def _train(config, resume: bool, progress: bool, model, tokenizer, world: World)
                                  "valid_loss_before": valid_before, "global_batch": global_batch,
                                  "processes": world.size}, rng_states=rng)
             world.barrier()
-        if kill_at and step == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
     lorakit.unfuse_(model)
     useful = tokens_seen / seconds if seconds else 0.0
     result = TrainResult(run_dir, step, last_loss, valid_loss,
@@ -418,7 +418,7 @@ def _train(config, resume: bool, progress: bool, model, tokenizer, world: World)
                          math.exp(valid_loss) if valid_loss is not None else None, useful, seconds)
     if world.main:
         lorakit.save_adapter(model, run_dir / "adapter")
-        _write_curve(run_dir, loss_curve_png)
+        _write_curve(run_dir)
         write_json(run_dir / "summary.json", {
             "method": config.method, "steps": step, "train_loss": last_loss, "valid_loss": valid_loss,
             "valid_ppl_before": result.valid_ppl_before, "valid_ppl_after": result.valid_ppl_after,
@@ -434,11 +434,17 @@ def _train(config, resume: bool, progress: bool, model, tokenizer, world: World)
         metrics.close()
     bar.close(f"{step} steps, train loss {last_loss:.4f}"
               + (f", valid ppl {result.valid_ppl_before:.3f} -> {result.valid_ppl_after:.3f}"
-                 if result.valid_ppl_after is not None else "") + f", {useful:.0f} tokens/s"
+                 if result.valid_ppl_after is not None else "") + f", {useful:.0f} useful tokens/s"
               + (f" over {world.size} processes" if world.distributed else ""))
     world.barrier()
     model.eval()
     return result
+
+
+def _every(step: int, interval: int) -> bool:
+    """Whether a periodic action (validation, checkpoint) falls on `step`; an interval of 0 means never
+    (the loop still validates and saves at the last step)."""
+    return interval > 0 and step % interval == 0
 
 
 def _load_checkpoint(checkpoint: Path, model, optimizer, scheduler, world: World) -> dict:
@@ -502,10 +508,13 @@ def absolute_paths(config):
                    data=replace(config.data, train=absolute(config.data.train), valid=absolute(config.data.valid)))
 
 
-def _write_curve(run_dir: Path, loss_curve_png) -> None:
-    from lorakit.progress import read_metrics
+def _write_curve(run_dir: Path) -> None:
+    """loss_curve.png from the run's metrics (`lorakit.plot`); without matplotlib the run still finishes, with a note."""
+    import sys
 
-    records = read_metrics(run_dir / "metrics.jsonl")
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    valid = [(r["step"], r["valid_loss"]) for r in records if "valid_loss" in r]
-    loss_curve_png(run_dir / "loss_curve.png", train, valid, title="lorakit train: loss")
+    from lorakit.plot import plot_runs
+
+    try:
+        plot_runs([run_dir], run_dir / "loss_curve.png")
+    except ImportError as e:
+        print(f"lorakit train: no loss_curve.png: {e}", file=sys.stderr)

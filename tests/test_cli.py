@@ -30,6 +30,29 @@ def test_inspect_errors(tmp_path):
     assert out.returncode != 0 and "not an adapter directory" in out.stderr
 
 
+def test_inspect_a_damaged_adapter_is_a_clear_error(tmp_path, capsys):
+    from lorakit.cli import main
+
+    model = tiny_llama()
+    lorakit.inject_adapters(model, lorakit.LoraConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    lorakit.save_adapter(model, tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    whole = weights.read_bytes()
+    for damaged in (whole[: len(whole) // 2], b"\x00" * 16, b""):  # truncated, garbage header, empty
+        weights.write_bytes(damaged)
+        for json_flag in ([], ["--json"]):
+            assert main(["inspect", *json_flag, str(tmp_path / "a")]) == 2
+            err = capsys.readouterr().err
+            assert "truncated or corrupted" in err and str(weights) in err, err
+    out = run("inspect", str(tmp_path / "a"))  # as a user runs it: one line, no traceback
+    assert out.returncode == 2 and out.stderr.startswith("lorakit inspect: error:"), out.stderr
+    assert "Traceback" not in out.stderr and "SafetensorError" not in out.stderr, out.stderr
+    weights.write_bytes(whole)
+    (tmp_path / "a" / "lorakit.json").write_text("{")
+    assert main(["inspect", str(tmp_path / "a")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+
+
 def test_inspect_and_export_gguf(tmp_path):
     import pytest
 

@@ -266,6 +266,24 @@ def case_not_a_run(ctx):
     return cli("eval", ctx["dir"], "--prompt", "hi")
 
 
+def case_report_to_unknown(ctx):
+    return cli(*base(ctx, "c", "train.report_to=[tensorbord]"))
+
+
+def case_tracker_not_installed(ctx):
+    import sys
+    from unittest import mock
+
+    with mock.patch.dict(sys.modules, {"wandb": None}):  # `import wandb` raises ImportError
+        return cli(*base(ctx, "no-wandb", "train.report_to=[wandb]"))
+
+
+def case_plot_no_loss_yet(ctx):
+    run = copy_run(ctx, "plot-fresh")
+    (run / "metrics.jsonl").write_text("")
+    return cli("plot", run, "--out", ctx["dir"] / "fresh.png")
+
+
 def case_existing_run(ctx):
     return cli("train", *tiny_run_overrides(ctx["model"], ctx["data"], ctx["run"], steps=2), "--quiet")
 

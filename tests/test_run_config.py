@@ -282,6 +282,7 @@ VALID = {  # an independent statement of what each key accepts
     "train.save_every": st.integers(0, 10**9),
     "train.log_every": st.integers(1, 10**9),
     "train.seed": st.integers(0, 2**63),
+    "train.report_to": st.lists(st.sampled_from(["tensorboard", "wandb", "mlflow"]), max_size=3, unique=True),
 }
 
 

@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 from lorakit.progress import read_metrics  # noqa: E402
 from lorakit.run_config import load_config  # noqa: E402
 from lorakit.train import TrainingStopped, train  # noqa: E402
-from train_fixtures import tiny_assets, tiny_run_overrides  # noqa: E402
+from train_fixtures import FREEZE_AFTER_STEP, kill_after_step, tiny_assets, tiny_run_overrides  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden" / "cli_smoke.json"
 
@@ -60,8 +60,9 @@ def test_resume_after_sigkill_ends_with_the_same_adapter(assets, tmp_path):
     out = cli("train", *whole, "--quiet")
     assert out.returncode == 0, out.stderr
     killed = tiny_run_overrides(model_dir, data, tmp_path / "killed", "qalora", steps=6) + ["adapter.dropout=0.1"]
-    out = cli("train", *killed, "--quiet", env={"LORAKIT_TEST_KILL_AFTER_STEP": "3"})
-    assert out.returncode == -9  # SIGKILL after step 3; the newest checkpoint is step 2
+    out = kill_after_step([sys.executable, str(FREEZE_AFTER_STEP), "3", "train", *killed, "--quiet"],
+                          tmp_path / "killed", step=3)
+    assert out.returncode == -9  # SIGKILLed from outside after step 3; the newest checkpoint is step 2
     assert not (tmp_path / "killed" / "adapter").exists()
     out = cli("train", "--resume", str(tmp_path / "killed"), "--quiet")
     assert out.returncode == 0, out.stderr
@@ -97,6 +98,17 @@ def test_bad_config_keys_name_the_key_and_the_closest_valid_one(tmp_path):
     (tmp_path / "c.yaml").write_text("adapter:\n  rank: 8\n")
     out = cli("train", str(tmp_path / "c.yaml"))
     assert out.returncode == 2 and "adapter.rank" in out.stderr and "adapter.r" in out.stderr
+
+
+def test_zero_eval_and_save_intervals_mean_only_at_the_start_and_end(assets, tmp_path):
+    model_dir, data = assets  # the tiny run holds back a quarter of its rows for validation
+    overrides = tiny_run_overrides(model_dir, data, tmp_path / "run", "lora", steps=5)
+    config = load_config(None, overrides + ["train.eval_every=0", "train.save_every=0"])
+    result = train(config, progress=False)
+    assert result.steps == 5 and result.valid_ppl_after is not None
+    metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [m["step"] for m in metrics if "valid_loss" in m] == [0, 5]  # before training and at the end
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000005"]
 
 
 def test_an_existing_run_is_never_overwritten(assets, tmp_path):

@@ -18,10 +18,10 @@ from lorakit.formats.gguf_names import gguf_name, rope_heads, rope_perm  # noqa:
 
 def write_llama_gguf(path: Path, model, qtype: str = "Q4_1", *, types: dict[str, str] | None = None,
                      embed_type: str = "Q8_0", raw: dict[str, tuple[np.ndarray, str]] | None = None,
-                     arch: str = "llama") -> Path:
+                     arch: str = "llama", metadata: dict[str, bool | int | str | list] | None = None) -> Path:
     """Write `model` (a tiny LlamaForCausalLM, or Qwen2ForCausalLM with arch="qwen2") as GGUF. `types`
     overrides the type per GGUF tensor name; `raw` gives a tensor's bytes and type directly (e.g. K-quant
-    bytes gguf.quants cannot produce)."""
+    bytes gguf.quants cannot produce); `metadata` adds keys (e.g. tokenizer.chat_template), typed by value."""
     cfg = model.config
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_uint32(f"{arch}.block_count", cfg.num_hidden_layers)
@@ -35,6 +35,9 @@ def write_llama_gguf(path: Path, model, qtype: str = "Q4_1", *, types: dict[str,
     writer.add_uint32(f"{arch}.vocab_size", cfg.vocab_size)
     writer.add_uint32(f"{arch}.rope.dimension_count", cfg.hidden_size // cfg.num_attention_heads)
     writer.add_string("general.name", "tiny test llama")
+    add = {bool: writer.add_bool, int: writer.add_uint32, str: writer.add_string, list: writer.add_array}
+    for key, value in (metadata or {}).items():
+        add[type(value)](key, value)
     tied = cfg.tie_word_embeddings
     for name, tensor in model.state_dict().items():
         if tied and name == "lm_head.weight":
