@@ -78,7 +78,7 @@ def enable_gradient_checkpointing(model: nn.Module, blocks: nn.ModuleList | None
         if getattr(block, "gradient_checkpointing", False):
             raise ValueError(
                 f"{type(block).__name__} is already checkpointed by transformers; call "
-                f"model.activation_checkpointing_disable() (before transformers 5: "
+                f"model.activation_checkpointing_disable() (before transformers 5.23: "
                 f"gradient_checkpointing_disable()) first, or don't checkpoint twice"
             )
         setattr(block, _INNER, block.forward)
