@@ -56,10 +56,10 @@ def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
-def assert_same_adapter(a: dict, b: dict) -> None:
+def assert_same_adapter(a: dict, b: dict, atol: float = 1e-5) -> None:
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=atol, msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,10 @@ def test_fsdp_shards_the_quantized_base_and_trains_the_same_adapter(assets, tmp_
     done = run(["train", *overrides(assets, two, 2), f"method={method}", "train.fsdp=true",
                 "train.gradient_checkpointing=true", "--quiet"], 2)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert_same_adapter(adapter(two), adapter(one))
+    # FSDP's all-gathers and the checkpoint's recompute sum in another order, and Adam divides each update by
+    # the gradient's own size, so an element whose gradient is near 0 can move by ~1e-5 more (measured 2.5e-5 for
+    # 1 of 256 elements on an AVX-512 CPU without BF16, 1.5e-6 on one with it); a wrong gradient moves ~1e-2.
+    assert_same_adapter(adapter(two), adapter(one), atol=1e-4)
     fsdp = json.loads((two / "summary.json").read_text())["fsdp"]
     assert fsdp["blocks"] == 2
     # each process keeps half of the blocks' frozen tensors: packed codes and scales, or dense weights
