@@ -75,6 +75,15 @@ def default_model_dir() -> Path:
     return cached_conversion(default_gguf_path(), cache_root() / "models" / DEFAULT_MODEL, _convert_gguf)
 
 
+def check_model_dir(directory: Path) -> None:
+    """The first check `load_causal_lm` makes of a directory (the UI makes it before starting a run)."""
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{directory} is not a Hugging Face model directory (no config.json); pass a local "
+            f"directory with config.json and model.safetensors, or None for {DEFAULT_MODEL}"
+        )
+
+
 def load_causal_lm(path: str | Path | None = None, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from a local Hugging Face directory (None: the default model).
 
@@ -83,11 +92,7 @@ def load_causal_lm(path: str | Path | None = None, dtype: torch.dtype = torch.fl
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype such as torch.float32, got {dtype!r}")
     directory = default_model_dir() if path is None else Path(path).expanduser()
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{directory} is not a Hugging Face model directory (no config.json); pass a local "
-            f"directory with config.json and model.safetensors, or None for {DEFAULT_MODEL}"
-        )
+    check_model_dir(directory)
     if not any(directory.glob("*.safetensors")):
         pickled = sorted(p.name for p in directory.glob("*.bin"))
         raise FileNotFoundError(

@@ -104,9 +104,10 @@ def _check_model(config) -> None:
         from lorakit.formats.gguf_load import read_gguf
 
         read_gguf(path)
-    elif not (Path(path).expanduser() / "config.json").is_file():  # what load_causal_lm checks first
-        raise FileNotFoundError(f"{path} is not a Hugging Face model directory (no config.json); pass a local "
-                                f"directory with config.json and model.safetensors, or a .gguf file")
+    else:
+        from lorakit.models.default import check_model_dir
+
+        check_model_dir(Path(path).expanduser())  # the CLI's own message
 
 
 def _check_data(config) -> None:
