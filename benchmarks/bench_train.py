@@ -35,8 +35,8 @@ def make_data(path: Path) -> Path:
 
 
 def run_lorakit(data: Path, out: Path, args) -> dict:
-    from lorakit.run_config import load_config
-    from lorakit.train import train
+    from lorakit.training.run_config import load_config
+    from lorakit.training.loop import train
 
     config = load_config(None, [
         "method=lora", "model.dtype=float32", f"data.train={data}", "data.valid_fraction=0", f"data.max_tokens={args.max_tokens}",

@@ -1,10 +1,10 @@
 """lorakit: LoRA, QLoRA and QA-LoRA fine-tuning for PyTorch models, on the hardware you have."""
 
-from lorakit.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing
-from lorakit.config import LoraConfig
+from lorakit.training.recompute import disable_gradient_checkpointing, enable_gradient_checkpointing
+from lorakit.adapters.config import LoraConfig
 from lorakit.formats.hf import export_hf
-from lorakit.hardware import cast_base_, cpu_has_fast_bf16, default_compute_dtype, default_device, resolve_compute_dtype
-from lorakit.inject import (
+from lorakit.training.hardware import cast_base_, cpu_has_fast_bf16, default_compute_dtype, default_device, resolve_compute_dtype
+from lorakit.adapters.inject import (
     ParameterReport,
     active_adapter,
     adapter_names,
@@ -14,12 +14,12 @@ from lorakit.inject import (
     parameter_report,
     set_active,
 )
-from lorakit.layers import LoraLayer, SavedModule
+from lorakit.adapters.layers import LoraLayer, SavedModule
 from lorakit.kernels import fuse_for_training_, unfuse_
-from lorakit.losses import causal_lm_loss, chunked_cross_entropy
-from lorakit.memory import PeakMemory, current_rss_bytes, peak_rss_bytes, reset_peak_rss
-from lorakit.merge import dequantize_and_merge_, merge_, unmerge_
-from lorakit.peft_format import load_adapter, save_adapter
+from lorakit.tasks.losses import causal_lm_loss, chunked_cross_entropy
+from lorakit.training.memory import PeakMemory, current_rss_bytes, peak_rss_bytes, reset_peak_rss
+from lorakit.adapters.merge import dequantize_and_merge_, merge_, unmerge_
+from lorakit.formats.peft import load_adapter, save_adapter
 from lorakit.quant import (
     IntNConfig,
     IntNWeight,

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from lorakit.io import check_safetensors, read_json
-from lorakit.peft_format import CONFIG_FILE, LORAKIT_FILE, PREFIX, WEIGHTS_FILE, read_peft_config
+from lorakit.formats.peft import CONFIG_FILE, LORAKIT_FILE, PREFIX, WEIGHTS_FILE, read_peft_config
 
 
 def inspect_adapter(directory: Path) -> dict:
@@ -151,7 +151,7 @@ def load_base(base: str | None, *, quantized: bool = True, tokenizer: bool = Tru
     embedded default model's GGUF)."""
     import lorakit
     from lorakit.models.default import default_gguf_path, load_causal_lm
-    from lorakit.train import is_gguf
+    from lorakit.training.loop import is_gguf
 
     if is_gguf(base):
         return lorakit.load_gguf(default_gguf_path() if base is None else base, quantized=quantized, tokenizer=tokenizer)
@@ -161,7 +161,7 @@ def load_base(base: str | None, *, quantized: bool = True, tokenizer: bool = Tru
 def cmd_export(args: argparse.Namespace) -> int:
     import lorakit
 
-    from lorakit.train import is_gguf
+    from lorakit.training.loop import is_gguf
 
     if args.run:  # a finished `lorakit train` run: its config.yaml names the base and method
         model, tokenizer, config = load_run(args.run)
@@ -220,8 +220,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from lorakit.run_config import load_config, read_run_config
-    from lorakit.train import TrainingStopped, train
+    from lorakit.training.run_config import load_config, read_run_config
+    from lorakit.training.loop import TrainingStopped, train
 
     if args.resume:
         if args.config or args.overrides:
@@ -244,7 +244,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def load_run(run_dir: str, *, dtype=None):
-    from lorakit.train import load_trained
+    from lorakit.training.loop import load_trained
 
     return load_trained(run_dir, dtype=dtype)
 
@@ -254,7 +254,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from lorakit.data import records, render
     from lorakit.demo import answer
-    from lorakit.train import evaluate, load_examples, pad_id_of
+    from lorakit.training.loop import evaluate, load_examples, pad_id_of
 
     model, tokenizer, config = load_run(args.run)
     if args.data:
@@ -326,7 +326,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from lorakit.plot import plot_runs
+    from lorakit.report.plot import plot_runs
 
     print(f"wrote {plot_runs(args.runs, args.out)}")
     return 0

@@ -4,7 +4,7 @@
   distributions' metadata (``importlib.metadata``), so nothing heavy is imported to name a version;
 - the device training would use, and for CUDA each GPU's name, capability and memory;
 - the compute dtype ``"auto"`` resolves to and why (the CPU's bf16 flags and the timed bf16 vs fp32
-  matmul of `lorakit.hardware.bf16_probe`, or the GPU's bf16 support);
+  matmul of `lorakit.training.hardware.bf16_probe`, or the GPU's bf16 support);
 - threads: what torch uses, the cores this process may run on, and the variables that set them;
 - whether the installed versions are the ones the lock file pins (`scripts/setup.sh` installs from it),
   when lorakit runs from a source checkout that has one.
@@ -60,7 +60,7 @@ def environment_report() -> dict:
     import torch
 
     import lorakit
-    from lorakit.hardware import compute_dtype_reason, default_compute_dtype, default_device
+    from lorakit.training.hardware import compute_dtype_reason, default_compute_dtype, default_device
 
     device = default_device()
     report = {

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from train_fixtures import make_instruction_file, make_tiny_model_dir, tiny_run_overrides  # noqa: E402
 
 from lorakit.io import write_json  # noqa: E402
-from lorakit.progress import read_metrics  # noqa: E402
+from lorakit.report.progress import read_metrics  # noqa: E402
 
 METHOD, STEPS = "qalora", 6
 

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from lorakit.progress import MetricsLog
+from lorakit.report.progress import MetricsLog
 
 freeze_at = int(sys.argv.pop(1))
 log = MetricsLog.log

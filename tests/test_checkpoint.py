@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lorakit.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tiny_models import tiny_llama
 
 

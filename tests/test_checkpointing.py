@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from lorakit.checkpointing import disable_gradient_checkpointing, enable_gradient_checkpointing, find_blocks
+from lorakit.training.recompute import disable_gradient_checkpointing, enable_gradient_checkpointing, find_blocks
 
 transformers = pytest.importorskip("transformers")
 

@@ -140,7 +140,7 @@ def test_weights_are_the_dequantized_gguf_exactly(smollm2):
 
 @pytest.mark.slow
 def test_answers_a_chat_prompt_and_has_low_perplexity(smollm2):
-    from lorakit.losses import causal_lm_loss
+    from lorakit.tasks.losses import causal_lm_loss
 
     model, tokenizer = smollm2
     messages = [{"role": "user", "content": "What is the capital of France?"}]

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 pytest.importorskip("transformers")
 
-from lorakit.distributed import World, split_rows  # noqa: E402
-from lorakit.progress import read_metrics  # noqa: E402
+from lorakit.training.distributed import World, split_rows  # noqa: E402
+from lorakit.report.progress import read_metrics  # noqa: E402
 from train_fixtures import FREEZE_AFTER_STEP, kill_after_step, tiny_assets, tiny_run_overrides  # noqa: E402
 
 STEPS = 4
@@ -164,7 +164,7 @@ def test_a_single_process_world_does_no_communication():
 
 
 def test_world_size_without_torchrun_is_a_clear_error(monkeypatch):
-    from lorakit.distributed import init_world
+    from lorakit.training.distributed import init_world
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("MASTER_ADDR", raising=False)

@@ -8,7 +8,7 @@ import torch
 
 import lorakit
 from lorakit.env_report import _locked_versions, environment_report, format_report
-from lorakit.hardware import default_compute_dtype
+from lorakit.training.hardware import default_compute_dtype
 
 
 def test_lorakit_env_prints_versions_device_dtype_and_why():

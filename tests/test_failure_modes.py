@@ -369,7 +369,7 @@ def test_a_crash_between_the_adapter_files_is_caught_on_load(ctx, tmp_path, monk
     import transformers
 
     import lorakit
-    import lorakit.peft_format as peft_format
+    import lorakit.formats.peft as peft_format
 
     def adapted(alpha: float):
         model = transformers.AutoModelForCausalLM.from_pretrained(ctx["model"])
@@ -401,7 +401,7 @@ def test_a_crash_between_the_adapter_files_is_caught_on_load(ctx, tmp_path, monk
 
 KILL_DURING_CHECKPOINT = """
 import os, signal, sys
-import lorakit.checkpoint as checkpoint
+import lorakit.training.checkpoint as checkpoint
 write_json = checkpoint.write_json
 
 def killed_mid_write(path, data):  # state.json is written last into the checkpoint's temporary directory
@@ -421,7 +421,7 @@ def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one(ctx, tmp_pa
 
     from safetensors.torch import load_file
 
-    from lorakit.checkpoint import latest_checkpoint
+    from lorakit.training.checkpoint import latest_checkpoint
 
     def args(out):
         return ["train", *tiny_run_overrides(ctx["model"], ctx["data"], out, steps=6), "train.save_every=2", "--quiet"]

@@ -55,8 +55,8 @@ def test_a_training_run_and_every_export_are_readable_as_a_plain_write_would_mak
     pytest.importorskip("gguf")
     from formats.gguf_files import write_llama_gguf
 
-    from lorakit.run_config import load_config
-    from lorakit.train import train
+    from lorakit.training.run_config import load_config
+    from lorakit.training.loop import train
     from train_fixtures import make_instruction_file, make_tiny_model_dir, tiny_run_overrides
 
     os.umask(0o022)  # the inputs are the user's own files, made as usual

@@ -31,12 +31,12 @@ import lorakit
 from lorakit.data.batching import collate, length_grouped_batches, pack
 from lorakit.data.records import ROLES, Dataset, read_records
 from lorakit.data.render import IGNORE, Example
-from lorakit.peft_format import (
+from lorakit.formats.peft import (
     CONFIG_FILE, PEFT_FIELDS_IGNORED, PEFT_FIELDS_MAPPED, PEFT_FIELDS_UNSUPPORTED, QALORA_FIELDS, WEIGHTS_FILE,
 )
 from lorakit.quant.blockwise import CODES, WEIGHT_TYPES
 from lorakit.quant.intn import BITS, IntNWeight
-from lorakit.run_config import RunConfig, load_config
+from lorakit.training.run_config import RunConfig, load_config
 
 CLEAR = (ValueError, FileNotFoundError)
 

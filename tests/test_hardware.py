@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-import lorakit.hardware as hardware
-from lorakit.hardware import default_compute_dtype, default_device, resolve_compute_dtype
+import lorakit.training.hardware as hardware
+from lorakit.training.hardware import default_compute_dtype, default_device, resolve_compute_dtype
 
 
 @pytest.fixture

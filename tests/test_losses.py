@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.losses import causal_lm_loss, chunked_cross_entropy
+from lorakit.tasks.losses import causal_lm_loss, chunked_cross_entropy
 
 transformers = pytest.importorskip("transformers")
 

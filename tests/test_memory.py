@@ -3,8 +3,8 @@ import sys
 
 import pytest
 
-import lorakit.memory as memory
-from lorakit.memory import PeakMemory, current_rss_bytes, peak_rss_bytes, reset_peak_rss
+import lorakit.training.memory as memory
+from lorakit.training.memory import PeakMemory, current_rss_bytes, peak_rss_bytes, reset_peak_rss
 
 MB = 2**20
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM reset is Linux-only")

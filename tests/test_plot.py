@@ -14,9 +14,9 @@ pytest.importorskip("matplotlib")
 from matplotlib.colors import to_rgb  # noqa: E402
 from matplotlib.image import imread  # noqa: E402
 
-from lorakit.plot import ema, plot_runs, read_run, save_loss_curves  # noqa: E402
-from lorakit.progress import MetricsLog  # noqa: E402
-from lorakit.run_config import load_config, save_config  # noqa: E402
+from lorakit.report.plot import ema, plot_runs, read_run, save_loss_curves  # noqa: E402
+from lorakit.report.progress import MetricsLog  # noqa: E402
+from lorakit.training.run_config import load_config, save_config  # noqa: E402
 
 WIDTH, HEIGHT = 1000, 640
 
@@ -131,7 +131,7 @@ def test_labels_are_directory_and_method(tmp_path):
 def test_a_run_without_matplotlib_finishes_and_says_how_to_get_the_curve(tmp_path_factory, tmp_path, monkeypatch,
                                                                           capsys):
     pytest.importorskip("transformers")
-    from lorakit.train import train
+    from lorakit.training.loop import train
     from train_fixtures import tiny_assets, tiny_run_overrides
 
     model_dir, data = tiny_assets(tmp_path_factory, "no-matplotlib")

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from lorakit import progress
-from lorakit.progress import MetricsLog, ProgressBar, read_metrics
+from lorakit.report import progress
+from lorakit.report.progress import MetricsLog, ProgressBar, read_metrics
 
 
 class Terminal(io.StringIO):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from lorakit import LoraConfig
 from lorakit.quant.intn import BITS
-from lorakit.run_config import (
+from lorakit.training.run_config import (
     RUN_CONFIG_FILE,
     AdapterConfig,
     RunConfig,

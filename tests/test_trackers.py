@@ -14,9 +14,9 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from lorakit.progress import read_metrics  # noqa: E402
-from lorakit.run_config import load_config  # noqa: E402
-from lorakit.train import train  # noqa: E402
+from lorakit.report.progress import read_metrics  # noqa: E402
+from lorakit.training.run_config import load_config  # noqa: E402
+from lorakit.training.loop import train  # noqa: E402
 from train_fixtures import tiny_assets, tiny_run_overrides  # noqa: E402
 
 STEPS = 4

@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 
 pytest.importorskip("transformers")
 
-from lorakit.progress import read_metrics  # noqa: E402
-from lorakit.run_config import load_config  # noqa: E402
-from lorakit.train import TrainingStopped, train  # noqa: E402
+from lorakit.report.progress import read_metrics  # noqa: E402
+from lorakit.training.run_config import load_config  # noqa: E402
+from lorakit.training.loop import TrainingStopped, train  # noqa: E402
 from train_fixtures import FREEZE_AFTER_STEP, kill_after_step, tiny_assets, tiny_run_overrides  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden" / "cli_smoke.json"
@@ -75,7 +75,7 @@ def test_resume_after_sigkill_ends_with_the_same_adapter(assets, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(assets, tmp_path, monkeypatch):
-    import lorakit.train as train_module
+    import lorakit.training.loop as train_module
 
     model_dir, data = assets
     config = load_config(None, tiny_run_overrides(model_dir, data, tmp_path / "run", "lora", steps=6))
@@ -153,7 +153,7 @@ def test_eval_generate_merge_export_read_the_run_back(assets, tmp_path):
 def test_the_default_dataset_renders_with_held_out_modules(assets):
     import transformers
 
-    from lorakit.train import load_examples
+    from lorakit.training.loop import load_examples
 
     model_dir, _ = assets
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)

@@ -12,9 +12,9 @@ pytest.importorskip("gradio")
 
 from train_fixtures import tiny_assets  # noqa: E402
 
-from lorakit.checkpoint import latest_checkpoint  # noqa: E402
-from lorakit.progress import read_metrics  # noqa: E402
-from lorakit.run_config import load_config  # noqa: E402
+from lorakit.training.checkpoint import latest_checkpoint  # noqa: E402
+from lorakit.report.progress import read_metrics  # noqa: E402
+from lorakit.training.run_config import load_config  # noqa: E402
 from lorakit.ui import actions  # noqa: E402
 
 
@@ -108,8 +108,8 @@ def test_start_stop_resume_chat(tmp_path_factory):
     assert steps == list(range(1, 21))  # resumed where the checkpoint was: no step twice, none missing
 
     from lorakit.demo import answer
-    from lorakit.run_config import read_run_config
-    from lorakit.train import load_model
+    from lorakit.training.run_config import read_run_config
+    from lorakit.training.loop import load_model
 
     question = "What does textwrap.dedent do?"
     base, tuned = actions.ChatModels().answers(out, question, max_new_tokens=4)

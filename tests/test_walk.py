@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from tiny_models import tiny_llama
-from lorakit.walk import find_targets, layer_kind, matches
+from lorakit.adapters.walk import find_targets, layer_kind, matches
 
 
 @pytest.mark.parametrize("name, patterns, expected", [

@@ -68,7 +68,7 @@ def kill_after_step(command: list[str], run_dir: Path, step: int, env: dict | No
     """Run `command`, whose entry point is `FREEZE_AFTER_STEP` with `step` as its first argument; wait until
     the run's metrics.jsonl holds the training loss of `step` (the process then stands frozen), and SIGKILL
     it and all its child processes from outside. Returns the finished process (returncode -9 when killed)."""
-    from lorakit.progress import read_metrics
+    from lorakit.report.progress import read_metrics
 
     metrics = run_dir / "metrics.jsonl"
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -66,7 +66,7 @@ def collate(rows, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 @torch.no_grad()
 def mean_loss(model, rows, pad_id: int, batch: int = 16) -> float:
     """Token-weighted mean loss over `rows` (exp of it is the perplexity)."""
-    from lorakit.losses import causal_lm_loss
+    from lorakit.tasks.losses import causal_lm_loss
 
     total, count = 0.0, 0
     for i in range(0, len(rows), batch):

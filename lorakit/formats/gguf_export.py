@@ -135,7 +135,7 @@ def _open_template(model: nn.Module, template):
 
 
 def _check_merged(model: nn.Module) -> None:
-    from lorakit.layers import lora_layers
+    from lorakit.adapters.layers import lora_layers
 
     pending = [name for name, layer in lora_layers(model) if layer.adapter() is not None]
     if pending:
@@ -301,8 +301,8 @@ def export_gguf_adapter(model: nn.Module, path: str | os.PathLike, *, template: 
     from gguf import GGUFWriter
 
     from lorakit.formats.gguf_names import gguf_name
-    from lorakit.inject import adapter_to_write
-    from lorakit.layers import lora_layers, saved_modules
+    from lorakit.adapters.inject import adapter_to_write
+    from lorakit.adapters.layers import lora_layers, saved_modules
 
     name, config = adapter_to_write(model, name, "export_gguf_adapter")
     _check_not_template(model, template, path, overwrite=False)

@@ -139,7 +139,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, *, qu
     from lorakit.quant.intn import IntNWeight
     from lorakit.quant.linear import QuantizedLinear
     from lorakit.quant.stream import _copy_into
-    from lorakit.walk import replace_module
+    from lorakit.adapters.walk import replace_module
 
     path = Path(path).expanduser()
     reader = read_gguf(path)

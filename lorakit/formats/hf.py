@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lorakit.io import plain_modes_, temp_dir_beside, write_json
-from lorakit.layers import LoraLayer, SavedModule
+from lorakit.adapters.layers import LoraLayer, SavedModule
 from lorakit.quant.linear import QuantizedLinear
 
 

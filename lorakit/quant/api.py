@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
-from lorakit.config import check_keys
+from lorakit.adapters.config import check_keys
 from lorakit.quant.blockwise import WEIGHT_TYPES, check_block_size
 from lorakit.quant.intn import check_bits, check_group_size
 from lorakit.quant.linear import QuantizedLinear, is_quantized_weight
-from lorakit.walk import Patterns, find_targets, replace_module
+from lorakit.adapters.walk import Patterns, find_targets, replace_module
 
 
 @dataclass
@@ -29,7 +29,7 @@ class NF4Config:
     """How the frozen base is stored (QLoRA defaults: NF4, block 64, 8-bit double quantization in blocks of 256).
 
     `quant_type` is "nf4", "fp4" or "int4" (symmetric). `target_modules` / `exclude_modules` follow
-    PEFT's rules (see `lorakit.walk`); "all-linear" is every linear layer but the output head.
+    PEFT's rules (see `lorakit.adapters.walk`); "all-linear" is every linear layer but the output head.
     """
 
     block_size: int = 64

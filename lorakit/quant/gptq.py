@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from lorakit.quant.api import check_linear_targets
 from lorakit.quant.intn import check_bits, check_group_size, dequantize_grid, minmax_params, round_to_grid
-from lorakit.walk import Patterns, find_targets
+from lorakit.adapters.walk import Patterns, find_targets
 
 
 class GroupCodes(NamedTuple):

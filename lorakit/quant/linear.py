@@ -98,7 +98,7 @@ class _DequantizingLinear(torch.autograd.Function):
 class QuantizedLinear(nn.Module):
     """A frozen linear layer whose weight is a quantized module (state-dict keys ``weight.<buffer>``)."""
 
-    is_quantized_linear = True  # lorakit.walk.layer_kind: a linear layer
+    is_quantized_linear = True  # lorakit.adapters.walk.layer_kind: a linear layer
 
     def __init__(self, weight: nn.Module, bias: Tensor | None = None):
         super().__init__()

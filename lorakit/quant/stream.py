@@ -25,7 +25,7 @@ from lorakit.io import check_safetensors, read_json
 from lorakit.quant.api import NF4Config, check_linear_targets
 from lorakit.quant.blockwise import weight_class
 from lorakit.quant.linear import QuantizedLinear
-from lorakit.walk import find_targets, replace_module
+from lorakit.adapters.walk import find_targets, replace_module
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

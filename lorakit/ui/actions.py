@@ -73,7 +73,7 @@ def train_command(args: list[str]) -> str:
 def check_settings(settings: Mapping[str, Any]) -> dict[str, str]:
     """{setting key: the CLI's error message} for each bad field; empty when `lorakit train` would accept them.
     Each value is checked alone first, so a message names one field; the paths only once all values are good."""
-    from lorakit.run_config import load_config
+    from lorakit.training.run_config import load_config
 
     errors = {}
     for key, value in settings.items():
@@ -95,7 +95,7 @@ def check_settings(settings: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _check_model(config) -> None:
-    from lorakit.train import is_gguf
+    from lorakit.training.loop import is_gguf
 
     path = config.model.path
     if path is None:
@@ -118,7 +118,7 @@ def _check_data(config) -> None:
 
 
 def _check_new_run(config) -> None:
-    from lorakit.checkpoint import latest_checkpoint
+    from lorakit.training.checkpoint import latest_checkpoint
 
     if latest_checkpoint(config.output_dir) is not None:
         raise ValueError(f"{config.output_dir} already holds a run; continue it with Resume, or set the output "
@@ -146,7 +146,7 @@ class TrainingProcess:
     @classmethod
     def start(cls, settings: Mapping[str, Any]) -> TrainingProcess:
         """A new run of these settings; refuses (ValueError with every field's message) settings the CLI refuses."""
-        from lorakit.run_config import load_config
+        from lorakit.training.run_config import load_config
 
         errors = check_settings(settings)
         if errors:
@@ -157,7 +157,7 @@ class TrainingProcess:
     @classmethod
     def resume(cls, run_dir: str | os.PathLike) -> TrainingProcess:
         """Continue the run in `run_dir` from its newest checkpoint."""
-        from lorakit.checkpoint import latest_checkpoint
+        from lorakit.training.checkpoint import latest_checkpoint
 
         if latest_checkpoint(run_dir) is None:
             raise ValueError(f"nothing to resume in {run_dir}: it has no complete checkpoint "
@@ -235,8 +235,8 @@ class Progress:
 
 def read_progress(run_dir: str | os.PathLike) -> Progress:
     """The run's progress so far (an empty one before its first metrics line)."""
-    from lorakit.progress import read_metrics
-    from lorakit.run_config import read_run_config
+    from lorakit.report.progress import read_metrics
+    from lorakit.training.run_config import read_run_config
 
     run_dir = Path(run_dir).expanduser()
     try:
@@ -302,7 +302,7 @@ class ChatModels:
             return base, answer(model, tokenizer, question, max_new_tokens)
 
     def _load(self, run_dir: Path):
-        from lorakit.train import load_trained
+        from lorakit.training.loop import load_trained
 
         weights = run_dir / "adapter" / "adapter_model.safetensors"
         if not weights.is_file():

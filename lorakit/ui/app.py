@@ -215,7 +215,7 @@ def _resolved(directory: str) -> str:
 
 def _status(directory: str, process, progress: actions.Progress) -> str:
     """The status line: what the run is doing, and its numbers so far."""
-    from lorakit.checkpoint import latest_checkpoint
+    from lorakit.training.checkpoint import latest_checkpoint
 
     if not Path(directory).expanduser().is_dir():
         return f"**No run in `{directory}`** yet."

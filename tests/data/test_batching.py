@@ -101,7 +101,7 @@ def test_block_causal_mask_lets_a_token_see_earlier_tokens_of_its_own_segment():
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_logits_and_loss_equal_each_example_alone(attn):
-    from lorakit.losses import causal_lm_loss
+    from lorakit.tasks.losses import causal_lm_loss
 
     model = tiny_llama()
     model.set_attn_implementation(attn)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.quant import NF4Config, NF4Weight, QuantizedLinear, linear
-from lorakit.walk import layer_kind
+from lorakit.adapters.walk import layer_kind
 
 OUT, IN = 48, 80
 

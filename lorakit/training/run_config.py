@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import yaml
 
-from lorakit.config import LoraConfig, finite
+from lorakit.adapters.config import LoraConfig, finite
 from lorakit.io import write_text
 
 RUN_CONFIG_FILE = "config.yaml"
@@ -104,7 +104,7 @@ class TrainConfig:
     batch_size * grad_accum examples. `max_grad_norm` 0 turns clipping off; `eval_every` 0 never
     evaluates during training; `save_every` 0 saves a checkpoint only at the end. Under torchrun,
     `batch_size` is per process and `fsdp` shards the frozen base's decoder blocks over the processes
-    (`lorakit.fsdp`). `report_to` also sends the logged numbers to these trackers (`lorakit.trackers`;
+    (`lorakit.training.fsdp`). `report_to` also sends the logged numbers to these trackers (`lorakit.report.trackers`;
     [] writes metrics.jsonl only)."""
 
     steps: int | None = _setting(None, ge=1)

@@ -31,7 +31,7 @@ class LoraConfig:
         alpha: scale numerator; the update is multiplied by alpha / r (alpha / sqrt(r) with
             `use_rslora`).
         dropout: dropout probability on the adapter's input, in [0, 1).
-        target_modules: which layers get an adapter (PEFT's rules, see `lorakit.walk`): a regex
+        target_modules: which layers get an adapter (PEFT's rules, see `lorakit.adapters.walk`): a regex
             matching the whole module name, a list of names or name suffixes, or "all-linear".
         exclude_modules: layers never to adapt, same rules; wins over `target_modules`.
         use_rslora: rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski, 2023).

@@ -5,7 +5,7 @@ already has; neither reaches into the step, and both can be dropped without chan
 
 A progress line shows the step, the train loss, the learning rate, useful tokens per second (tokens
 that carry a loss, so padding and prompts do not count), the peak memory so far (`peak_memory_bytes`
-in `lorakit.memory`), the elapsed time and an ETA. On a terminal it is a tqdm bar redrawn in place
+in `lorakit.training.memory`), the elapsed time and an ETA. On a terminal it is a tqdm bar redrawn in place
 (tqdm is optional: ``pip install 'lorakit[plot]'``; its ETA uses tqdm's smoothed step rate).
 Anywhere else (CI, a file, a pipe), or without tqdm, it prints a plain line every
 ``max(1, total_steps // 20)`` steps and at the last step, so a log holds about 20 lines per run.

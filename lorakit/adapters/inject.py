@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from lorakit.config import LoraConfig
-from lorakit.layers import LoraLayer, SavedModule, lora_layers, saved_modules
-from lorakit.walk import find_targets, layer_kind, matches, replace_module
+from lorakit.adapters.config import LoraConfig
+from lorakit.adapters.layers import LoraLayer, SavedModule, lora_layers, saved_modules
+from lorakit.adapters.walk import find_targets, layer_kind, matches, replace_module
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 

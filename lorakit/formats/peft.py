@@ -39,11 +39,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.config import LoraConfig
-from lorakit.inject import adapter_state, adapter_to_write, attach_adapter
+from lorakit.adapters.config import LoraConfig
+from lorakit.adapters.inject import adapter_state, adapter_to_write, attach_adapter
 from lorakit.io import read_json, read_safetensors, write_json, write_safetensors
-from lorakit.layers import LoraLayer, SavedModule, lora_layers, saved_modules
-from lorakit.walk import layer_kind, matches
+from lorakit.adapters.layers import LoraLayer, SavedModule, lora_layers, saved_modules
+from lorakit.adapters.walk import layer_kind, matches
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorakit.inject import adapter_state
-from lorakit.layers import LoraLayer, SavedModule, is_dense, lora_layers, saved_modules
-from lorakit.walk import replace_module
+from lorakit.adapters.inject import adapter_state
+from lorakit.adapters.layers import LoraLayer, SavedModule, is_dense, lora_layers, saved_modules
+from lorakit.adapters.walk import replace_module
 
 
 def merge_(model: nn.Module) -> list[str]:

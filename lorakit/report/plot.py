@@ -1,7 +1,7 @@
 """Loss curves of training runs as an image (matplotlib): the run's own `loss_curve.png`, and
 `lorakit plot` overlaying several runs (LoRA vs QLoRA vs QA-LoRA on the same data).
 
-The numbers come from each run's `metrics.jsonl` (`lorakit.progress.read_metrics`): `loss` (the
+The numbers come from each run's `metrics.jsonl` (`lorakit.report.progress.read_metrics`): `loss` (the
 token-weighted train loss of a step), `valid_loss` (step 0 is the base model) and `lr`. The chart
 has two panels sharing the step axis: losses on top, the learning-rate schedule below.
 
@@ -54,8 +54,8 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike) -> 
 
 def read_run(run_dir: str | os.PathLike) -> tuple[str, list[dict[str, Any]]]:
     """(method, metrics records) of a `lorakit train` run directory, with an error that says what is missing."""
-    from lorakit.progress import read_metrics
-    from lorakit.run_config import read_run_config
+    from lorakit.report.progress import read_metrics
+    from lorakit.training.run_config import read_run_config
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

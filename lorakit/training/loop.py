@@ -1,13 +1,13 @@
 """`lorakit train`: the training loop, one readable function, and the pieces it is built from.
 
-A run reads a `RunConfig` (`lorakit.run_config`) and writes, under ``output_dir``:
+A run reads a `RunConfig` (`lorakit.training.run_config`) and writes, under ``output_dir``:
 
     config.yaml         the resolved config (merge, export and eval read it back)
     metrics.jsonl       one line per logged step: loss, lr, grad_norm, tokens/s, peak memory; and validation loss/ppl
-    checkpoints/        step-NNNNNN/: adapter, optimizer, scheduler, RNG, data position (`lorakit.checkpoint`)
+    checkpoints/        step-NNNNNN/: adapter, optimizer, scheduler, RNG, data position (`lorakit.training.checkpoint`)
     adapter/            the final adapter, PEFT format (adapter_config.json, adapter_model.safetensors)
-    loss_curve.png      train loss (raw and smoothed), validation loss and lr (`lorakit.plot`; needs matplotlib)
-    tensorboard/ wandb/ mlruns/   what the trackers of `train.report_to` write (`lorakit.trackers`)
+    loss_curve.png      train loss (raw and smoothed), validation loss and lr (`lorakit.report.plot`; needs matplotlib)
+    tensorboard/ wandb/ mlruns/   what the trackers of `train.report_to` write (`lorakit.report.trackers`)
     summary.json        what was trained, for how long, and how well
 
 One optimizer step = `grad_accum` micro-batches of `batch_size` examples. The loss of a step is the
@@ -20,7 +20,7 @@ dropout masks (RNG restored) and the same optimizer state: a run killed with SIG
 with the adapter an uninterrupted run ends with. A non-finite loss stops the run before the optimizer
 step, keeping the last good checkpoint.
 
-Under torchrun (`lorakit.distributed`) each of the P processes takes a slice of every global micro-batch
+Under torchrun (`lorakit.training.distributed`) each of the P processes takes a slice of every global micro-batch
 of `batch_size` x P rows and only adapter gradients are all-reduced; rank 0 writes every file. A
 checkpoint records that global batch, so a run resumes on any number of processes that divides it (each
 then takes global / P' rows) and continues with the same batches.
@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.checkpoint import CheckpointMismatch, complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
-from lorakit.distributed import World, close_world, init_world, split_rows
+from lorakit.training.checkpoint import CheckpointMismatch, complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
+from lorakit.training.distributed import World, close_world, init_world, split_rows
 from lorakit.io import read_json, write_json
 
 IGNORE = -100
@@ -70,7 +70,7 @@ def load_model(config, *, dtype: torch.dtype | None = None, calibration=None):
         qalora   the file's own INT-N codes (no requant)    INT-N (`IntNConfig`, fp16 scales: GGUF-exact)
     """
     import lorakit
-    from lorakit.hardware import resolve_compute_dtype
+    from lorakit.training.hardware import resolve_compute_dtype
     from lorakit.models.default import default_gguf_path, load_causal_lm
 
     dtype = dtype or resolve_compute_dtype(config.model.dtype)
@@ -132,7 +132,7 @@ def load_trained(run_dir: str | Path, *, dtype: torch.dtype | None = None):
     """(model with the run's adapter loaded, tokenizer, config) of a finished run, in float32 by default:
     the precision merges and exports are exact in (dense tensors then hold the file's own values)."""
     import lorakit
-    from lorakit.run_config import read_run_config
+    from lorakit.training.run_config import read_run_config
 
     config = read_run_config(run_dir)
     model, tokenizer = load_model(config, dtype=dtype or torch.float32, calibration=_calibration(config))
@@ -218,7 +218,7 @@ def batch_inputs(rows, pad_id: int, dtype: torch.dtype = torch.float32, device: 
 
 
 def micro_loss(model, batch: dict) -> torch.Tensor:
-    from lorakit.losses import causal_lm_loss
+    from lorakit.tasks.losses import causal_lm_loss
 
     extra = {"position_ids": batch["position_ids"]} if batch.get("position_ids") is not None else {}
     return causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"], **extra)
@@ -276,7 +276,7 @@ def pad_id_of(tokenizer) -> int:
 def train(config, *, resume: bool = False, progress: bool = True, model=None, tokenizer=None,
           world: World | None = None) -> TrainResult:
     """Run (or resume) the training `config` describes; see the module docstring for what it writes.
-    Under torchrun (WORLD_SIZE > 1) this process joins the process group (`lorakit.distributed`)."""
+    Under torchrun (WORLD_SIZE > 1) this process joins the process group (`lorakit.training.distributed`)."""
     own_world = world is None
     world = world or init_world()
     try:
@@ -288,10 +288,10 @@ def train(config, *, resume: bool = False, progress: bool = True, model=None, to
 
 def _train(config, resume: bool, progress: bool, model, tokenizer, world: World) -> TrainResult:
     import lorakit
-    from lorakit.memory import peak_memory_bytes
-    from lorakit.progress import MetricsLog, ProgressBar
-    from lorakit.run_config import save_config
-    from lorakit.trackers import Report, open_trackers
+    from lorakit.training.memory import peak_memory_bytes
+    from lorakit.report.progress import MetricsLog, ProgressBar
+    from lorakit.training.run_config import save_config
+    from lorakit.report.trackers import Report, open_trackers
 
     config = absolute_paths(config)
     run_dir = Path(config.output_dir)
@@ -321,7 +321,7 @@ def _train(config, resume: bool, progress: bool, model, tokenizer, world: World)
     dtype = _dtype(model)
     shards = None
     if t.fsdp:
-        from lorakit.fsdp import shard_base_
+        from lorakit.training.fsdp import shard_base_
 
         shards = shard_base_(model, world)  # moves the model to world.device too
     elif world.device.type != "cpu":
@@ -468,7 +468,7 @@ def _damaged(checkpoint: Path, error: Exception) -> ValueError:
 def _last_losses(run_dir: Path) -> tuple[float, float | None]:
     """The last logged train and validation loss of a run (a resumed run that has no step left to take
     still reports them)."""
-    from lorakit.progress import read_metrics
+    from lorakit.report.progress import read_metrics
 
     records = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
     train = [r["loss"] for r in records if "loss" in r]
@@ -509,10 +509,10 @@ def absolute_paths(config):
 
 
 def _write_curve(run_dir: Path) -> None:
-    """loss_curve.png from the run's metrics (`lorakit.plot`); without matplotlib the run still finishes, with a note."""
+    """loss_curve.png from the run's metrics (`lorakit.report.plot`); without matplotlib the run still finishes, with a note."""
     import sys
 
-    from lorakit.plot import plot_runs
+    from lorakit.report.plot import plot_runs
 
     try:
         plot_runs([run_dir], run_dir / "loss_curve.png")

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from lorakit.checkpoint import PREFIX
-from lorakit.progress import MetricsLog
+from lorakit.training.checkpoint import PREFIX
+from lorakit.report.progress import MetricsLog
 
 
 class Tracker(Protocol):

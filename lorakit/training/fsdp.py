@@ -2,7 +2,7 @@
 
     lorakit train config.yaml train.fsdp=true          # under torchrun, 2+ processes
 
-Data parallelism (`lorakit.distributed`) keeps a whole copy of the frozen base in every process. With
+Data parallelism (`lorakit.training.distributed`) keeps a whole copy of the frozen base in every process. With
 `train.fsdp` each decoder block's frozen tensors are cut into P pieces along dim 0 and process k keeps
 piece k; a block's pieces are all-gathered just before its forward, freed after it, and gathered again
 for its backward (reshard_after_forward). Steady-state memory for the blocks' base weights is 1/P per
@@ -15,7 +15,7 @@ tensors move from the module's buffers to frozen parameters (requires_grad=False
 do not change); FSDP2 all-gathers mixed dtypes (uint8 codes, fp16/fp32 scales) as bytes.
 
 What is not sharded, and why:
-- The adapters (A, B): `ignored_params`. They are small, and `lorakit.distributed` all-reduces their
+- The adapters (A, B): `ignored_params`. They are small, and `lorakit.training.distributed` all-reduces their
   gradients exactly as without FSDP, so the run is the same run (tested: the adapter equals the
   1-process run's to float rounding).
 - The embeddings, the final norm and the output head stay whole in every process: the fused loss uses
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lorakit.checkpointing import find_blocks
-from lorakit.distributed import World
+from lorakit.training.recompute import find_blocks
+from lorakit.training.distributed import World
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit.adapters.config import LoraConfig
 from lorakit.quant.linear import linear
-from lorakit.walk import layer_kind
+from lorakit.adapters.walk import layer_kind
 
 
 def is_dense(weight: object) -> bool:

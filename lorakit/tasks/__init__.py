@@ -1,0 +1,2 @@
+"""Tasks: what a model learns (examples, batches, loss, metrics, prediction); the loop in
+`lorakit.training.loop` runs any of them."""
