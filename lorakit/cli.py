@@ -151,7 +151,7 @@ def load_base(base: str | None, *, quantized: bool = True, tokenizer: bool = Tru
     embedded default model's GGUF)."""
     import lorakit
     from lorakit.models.default import default_gguf_path, load_causal_lm
-    from lorakit.training.loop import is_gguf
+    from lorakit.tasks.causal_lm import is_gguf
 
     if is_gguf(base):
         return lorakit.load_gguf(default_gguf_path() if base is None else base, quantized=quantized, tokenizer=tokenizer)
@@ -161,7 +161,7 @@ def load_base(base: str | None, *, quantized: bool = True, tokenizer: bool = Tru
 def cmd_export(args: argparse.Namespace) -> int:
     import lorakit
 
-    from lorakit.training.loop import is_gguf
+    from lorakit.tasks.causal_lm import is_gguf
 
     if args.run:  # a finished `lorakit train` run: its config.yaml names the base and method
         model, tokenizer, config = load_run(args.run)
@@ -244,7 +244,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def load_run(run_dir: str, *, dtype=None):
-    from lorakit.training.loop import load_trained
+    from lorakit.tasks.causal_lm import load_trained
 
     return load_trained(run_dir, dtype=dtype)
 
@@ -254,7 +254,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from lorakit.data import records, render
     from lorakit.demo import answer
-    from lorakit.training.loop import evaluate, load_examples, pad_id_of
+    from lorakit.tasks.causal_lm import evaluate, load_examples, pad_id_of
 
     model, tokenizer, config = load_run(args.run)
     if args.data:

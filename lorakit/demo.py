@@ -46,7 +46,8 @@ def run_demo(out_dir: str | Path = "runs/demo", steps: int = 40, progress: bool 
     from lorakit.io import write_text
     from lorakit.models.default import default_gguf_path
     from lorakit.training.run_config import load_config
-    from lorakit.training.loop import evaluate, load_examples, load_model, load_trained, pad_id_of, train
+    from lorakit.tasks.causal_lm import evaluate, load_examples, load_model, load_trained, pad_id_of
+    from lorakit.training.loop import train
 
     out = Path(out_dir).expanduser().resolve()  # the report names every artefact by one kind of path
     if (out / "run").exists():

@@ -30,7 +30,7 @@ def clock(monkeypatch):
 def run(bar, clock, steps, first=1, seconds_per_step=0.5):
     for step in range(first, steps + 1):
         clock(seconds_per_step)
-        bar.update(step, loss=2.0 / step, tokens_per_s=12345.6, lr=2e-4, peak_memory_bytes=(1536 + step) * 2**20)
+        bar.update(step, loss=2.0 / step, per_s=12345.6, lr=2e-4, peak_memory_bytes=(1536 + step) * 2**20)
 
 
 def test_plain_output_prints_every_twentieth_and_the_last_step(clock):
@@ -88,7 +88,7 @@ def test_resumed_terminal_bar_starts_at_its_first_step(clock):
     pytest.importorskip("tqdm")
     out = Terminal()
     bar = ProgressBar(100, stream=out)
-    bar.update(61, loss=1.0, tokens_per_s=10.0)
+    bar.update(61, loss=1.0, per_s=10.0)
     bar.close()
     assert " 61%|" in out.getvalue() and "step 61/100" in out.getvalue()
 
@@ -107,7 +107,7 @@ def test_lines_without_optional_numbers(clock):
     out = io.StringIO()
     bar = ProgressBar(1, stream=out)
     clock(2.0)
-    bar.update(1, loss=3.25, tokens_per_s=100.0)
+    bar.update(1, loss=3.25, per_s=100.0)
     assert out.getvalue() == "step 1/1 | loss 3.2500 | 100 useful tok/s | elapsed 0:00:02 | ETA 0:00:00\n"
 
 
@@ -125,7 +125,7 @@ def test_metrics_round_trip(tmp_path):
     path = tmp_path / "run" / "metrics.jsonl"
     with MetricsLog(path) as log:
         log.log(1, loss=2.5, lr=1e-4)
-        log.log(2, loss=float("nan"), tokens_per_s=100.0)
+        log.log(2, loss=float("nan"), per_s=100.0)
         log.log(2, valid_loss=2.25)
     records = read_metrics(path)
     assert [r["step"] for r in records] == [1, 2, 2]

@@ -75,18 +75,18 @@ def test_resume_after_sigkill_ends_with_the_same_adapter(assets, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(assets, tmp_path, monkeypatch):
-    import lorakit.training.loop as train_module
+    from lorakit.tasks.causal_lm import CausalLM
 
     model_dir, data = assets
     config = load_config(None, tiny_run_overrides(model_dir, data, tmp_path / "run", "lora", steps=6))
-    real, calls = train_module.micro_loss, {"n": 0}
+    real, calls = CausalLM.loss, {"n": 0}
 
-    def poisoned(model, batch):
+    def poisoned(task, model, batch):
         calls["n"] += model.training  # training micro-batches only (validation also computes losses)
-        loss = real(model, batch)
+        loss = real(task, model, batch)
         return loss * float("nan") if model.training and calls["n"] == 3 else loss
 
-    monkeypatch.setattr(train_module, "micro_loss", poisoned)
+    monkeypatch.setattr(CausalLM, "loss", poisoned)
     with pytest.raises(TrainingStopped, match="loss became nan at step 3.*step-000002"):
         train(config, progress=False)
     assert (tmp_path / "run" / "checkpoints" / "step-000002" / "state.json").is_file()
@@ -153,7 +153,7 @@ def test_eval_generate_merge_export_read_the_run_back(assets, tmp_path):
 def test_the_default_dataset_renders_with_held_out_modules(assets):
     import transformers
 
-    from lorakit.training.loop import load_examples
+    from lorakit.tasks.causal_lm import load_examples
 
     model_dir, _ = assets
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)

@@ -109,7 +109,7 @@ def test_start_stop_resume_chat(tmp_path_factory):
 
     from lorakit.demo import answer
     from lorakit.training.run_config import read_run_config
-    from lorakit.training.loop import load_model
+    from lorakit.tasks.causal_lm import load_model
 
     question = "What does textwrap.dedent do?"
     base, tuned = actions.ChatModels().answers(out, question, max_new_tokens=4)

@@ -13,7 +13,7 @@ parameters with `requires_grad`. Adding an adapter makes it the active one.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -44,11 +44,14 @@ def adapter_state(model: nn.Module) -> AdapterState:
     return state
 
 
-def inject_adapters(model: nn.Module, config: LoraConfig, name: str = "default") -> list[str]:
+def inject_adapters(model: nn.Module, config: LoraConfig, name: str = "default", *,
+                    new_modules: Mapping[str, nn.Module] | None = None) -> list[str]:
     """Add adapter `name` to the layers `config.target_modules` selects; return their names.
 
     In place. Layers already adapted take the new adapter beside their others. The new adapter
-    becomes the active one and the only thing that trains (see `set_active`).
+    becomes the active one and the only thing that trains (see `set_active`). `new_modules` maps
+    names in `config.modules_to_save` to the module this adapter's copy starts as, instead of a copy
+    of the original (a new classifier head for this adapter's classes).
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
@@ -67,7 +70,12 @@ def inject_adapters(model: nn.Module, config: LoraConfig, name: str = "default")
         return layer_kind(module) is not None and not inside_saved and not _inside_saved_module(model, module_name)
 
     names = find_targets(model, config.target_modules, config.exclude_modules, accept)
-    attach_adapter(model, name, config, names, _saved_names(model, saved))
+    new_modules = dict(new_modules or {})
+    unknown = [n for n in new_modules if n not in saved]
+    if unknown:
+        raise ValueError(f"new_modules names {unknown}, which are not in modules_to_save={saved}; a new module "
+                         f"replaces the adapter's copy of a module trained in full, so list it there too")
+    attach_adapter(model, name, config, names, _saved_names(model, saved), starts=new_modules)
     return names
 
 
@@ -78,10 +86,12 @@ def attach_adapter(
     module_names: list[str],
     saved_names: list[str],
     per_module: dict[str, LoraConfig] | None = None,
+    starts: Mapping[str, nn.Module] | None = None,
 ) -> None:
     """Add adapter `name` at exactly `module_names` (and copies at `saved_names`), then activate it.
 
-    `per_module` overrides the config for some layers (PEFT's rank_pattern / alpha_pattern).
+    `per_module` overrides the config for some layers (PEFT's rank_pattern / alpha_pattern); `starts`
+    gives the module a saved copy starts as (default: a copy of the original).
     """
     state = adapter_state(model)
     if name in state.configs:
@@ -96,7 +106,7 @@ def attach_adapter(
     for module_name in saved_names:
         module = model.get_submodule(module_name)
         wrapper = module if isinstance(module, SavedModule) else SavedModule(module)
-        wrapper.add_adapter(name)
+        wrapper.add_adapter(name, (starts or {}).get(module_name))
         if wrapper is not module:
             replace_module(model, module_name, wrapper)
     state.configs[name] = config

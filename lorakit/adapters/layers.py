@@ -278,6 +278,8 @@ class SavedModule(nn.Module):
 
     The original module's parameters, buffers and children are registered under their own names,
     so its state-dict keys do not change; each adapter's trainable copy lives in `copies[name]`.
+    A copy may start from another module than the original (a task's new head: a 10-class linear
+    layer where the base has ImageNet's 1000), so adapters with different class sets share one base.
     """
 
     is_saved_module = True
@@ -295,10 +297,12 @@ class SavedModule(nn.Module):
         self.active: str | None = None
         self.disabled = False
 
-    def add_adapter(self, name: str) -> None:
+    def add_adapter(self, name: str, start: nn.Module | None = None) -> None:
+        """Give adapter `name` its trainable copy: a copy of the original, or `start` (e.g. a new classifier
+        head for another class set, whose shape may differ from the original's)."""
         if name in self.copies:
             raise ValueError(f"adapter {name!r} already has a copy of this module")
-        self.copies[name] = copy.deepcopy(self.original)
+        self.copies[name] = copy.deepcopy(self.original) if start is None else start
 
     def delete_adapter(self, name: str) -> None:
         del self.copies[name]
@@ -315,6 +319,22 @@ class SavedModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.current()(*args, **kwargs)
+
+
+def head_like(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module | None:
+    """A new module like `module` (an `nn.Linear` or `nn.Conv2d` head) but with as many outputs as `state`'s
+    weight has, when that is the only difference; None otherwise (same shape, or not a head that can be
+    re-made). Loading an adapter whose head serves another class set than the base's makes its copy with it."""
+    weight = state.get("weight")
+    if weight is None or type(module) not in (nn.Linear, nn.Conv2d) or weight.shape == module.weight.shape:
+        return None
+    if weight.ndim != module.weight.ndim or weight.shape[1:] != module.weight.shape[1:]:
+        return None
+    kw = {"bias": "bias" in state, "dtype": module.weight.dtype, "device": module.weight.device}
+    if type(module) is nn.Linear:
+        return nn.Linear(module.in_features, weight.shape[0], **kw)
+    return nn.Conv2d(module.in_channels, weight.shape[0], module.kernel_size, module.stride, module.padding,
+                     module.dilation, module.groups, padding_mode=module.padding_mode, **kw)
 
 
 def _lora_hidden(adapter: LoraAdapter, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

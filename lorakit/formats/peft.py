@@ -42,7 +42,7 @@ from torch import nn
 from lorakit.adapters.config import LoraConfig
 from lorakit.adapters.inject import adapter_state, adapter_to_write, attach_adapter
 from lorakit.io import read_json, read_safetensors, write_json, write_safetensors
-from lorakit.adapters.layers import LoraLayer, SavedModule, lora_layers, saved_modules
+from lorakit.adapters.layers import LoraLayer, SavedModule, head_like, lora_layers, saved_modules
 from lorakit.adapters.walk import layer_kind, matches
 
 CONFIG_FILE = "adapter_config.json"
@@ -82,11 +82,13 @@ PEFT_FIELDS_UNSUPPORTED = {  # field -> value that is fine; anything else change
 MATH_FIELDS = (*PEFT_FIELDS_MAPPED, *QALORA_FIELDS, *PEFT_FIELDS_UNSUPPORTED, "rank_pattern", "alpha_pattern")
 
 
-def save_adapter(model: nn.Module, directory: str | Path, name: str | None = None, *, qalora_as_lora: bool = False) -> Path:
+def save_adapter(model: nn.Module, directory: str | Path, name: str | None = None, *, qalora_as_lora: bool = False,
+                 task: dict | None = None) -> Path:
     """Write adapter `name` (default: the active one) as a PEFT adapter directory; return it.
 
     `qalora_as_lora`: write a QA-LoRA adapter as the equivalent plain LoRA (loads in PEFT on any
-    dense base) instead of PEFT's `use_qalora` format (GPTQ bases only).
+    dense base) instead of PEFT's `use_qalora` format (GPTQ bases only). `task`: what the adapter was
+    trained for (an image task's class names, model and input size), kept in lorakit.json.
     """
     name, config = adapter_to_write(model, name, "save_adapter")
     tensors: dict[str, torch.Tensor] = {}
@@ -150,6 +152,7 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
             "written_as": "plain LoRA (A spread over each group / g)" if qalora_as_lora else "PEFT use_qalora (A / (in/g))",
         },
         "base_weights": _describe_base(model, module_names),
+        **({"task": task} if task else {}),
     }
     # Each file is written atomically; the weights (written first) record a fingerprint of the config's
     # math, so a save interrupted between the two files is caught on load instead of pairing new weights
@@ -293,11 +296,15 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
         module = _module(model, module_name, directory)
         if not isinstance(getattr(module, "weight", None), torch.Tensor) or module.weight.shape != weight.shape:
             raise ValueError(f"{directory}: base weight for {module_name} {tuple(weight.shape)} does not fit the model's layer")
-    saved_names = list(saved)
+    saved_names, starts = list(saved), {}
     for module_name, values in saved.items():
         module = _module(model, module_name, directory)
         target = module.original if isinstance(module, SavedModule) else module
         expected = target.state_dict()
+        resized = head_like(target, values)  # a head for another class set than the base's
+        if resized is not None:
+            starts[module_name] = resized
+            expected = resized.state_dict()
         for key, value in values.items():
             if key not in expected or expected[key].shape != value.shape:
                 got = tuple(expected[key].shape) if key in expected else "missing"
@@ -305,7 +312,7 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
     if not layers:
         raise ValueError(f"{directory}/{WEIGHTS_FILE} holds no LoRA tensors")
 
-    attach_adapter(model, name, config, list(layers), saved_names, per_module)
+    attach_adapter(model, name, config, list(layers), saved_names, per_module, starts)
     with torch.no_grad():
         for module_name, ab in layers.items():
             adapter = model.get_submodule(module_name).lora[name]

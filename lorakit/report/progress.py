@@ -3,8 +3,8 @@
 The training loop calls ``bar.update(...)`` and ``log.log(...)`` once per step with numbers it
 already has; neither reaches into the step, and both can be dropped without changing training.
 
-A progress line shows the step, the train loss, the learning rate, useful tokens per second (tokens
-that carry a loss, so padding and prompts do not count), the peak memory so far (`peak_memory_bytes`
+A progress line shows the step, the train loss, the learning rate, the task's throughput (for a causal
+LM, useful tokens per second: tokens that carry a loss, so padding and prompts do not count), the peak memory so far (`peak_memory_bytes`
 in `lorakit.training.memory`), the elapsed time and an ETA. On a terminal it is a tqdm bar redrawn in place
 (tqdm is optional: ``pip install 'lorakit[plot]'``; its ETA uses tqdm's smoothed step rate).
 Anywhere else (CI, a file, a pipe), or without tqdm, it prints a plain line every
@@ -51,12 +51,14 @@ def _memory(n: int) -> str:
 
 
 class ProgressBar:
-    """Progress of `total_steps` optimizer steps on `stream`; `enabled=False` writes nothing."""
+    """Progress of `total_steps` optimizer steps on `stream`; `enabled=False` writes nothing. `speed_label`
+    names the throughput the loop reports (its task's: "useful tok/s", "img/s")."""
 
-    def __init__(self, total_steps: int, stream: TextIO = sys.stderr, enabled: bool = True):
+    def __init__(self, total_steps: int, stream: TextIO = sys.stderr, enabled: bool = True,
+                 speed_label: str = "useful tok/s"):
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"total_steps={total_steps!r}: the progress bar needs a positive whole number of steps")
-        self.total_steps, self.stream, self.enabled = total_steps, stream, enabled
+        self.total_steps, self.stream, self.enabled, self.speed_label = total_steps, stream, enabled, speed_label
         isatty = getattr(stream, "isatty", None)
         self._tqdm_type = _tqdm() if isatty and isatty() else None  # None: plain lines
         self._bar = None  # the tqdm bar, made at the first update (a resumed run starts part-way)
@@ -66,13 +68,13 @@ class ProgressBar:
         self._pending: str | None = None  # a plain line not yet printed (the run stopped between intervals)
         self._closed = False
 
-    def update(self, step: int, loss: float, tokens_per_s: float, lr: float | None = None,
+    def update(self, step: int, loss: float, per_s: float, lr: float | None = None,
                peak_memory_bytes: int | None = None) -> None:
         """Report that optimizer step `step` (1-based) finished with this loss, throughput and memory peak."""
         if not self.enabled or self._closed:
             return
         numbers = [f"loss {loss:.4f}"] + ([f"lr {lr:.2e}"] if lr is not None else [])
-        numbers.append(f"{tokens_per_s:,.0f} useful tok/s")
+        numbers.append(f"{per_s:,.0f} {self.speed_label}")
         if peak_memory_bytes is not None:
             numbers.append(f"peak {_memory(peak_memory_bytes)}")
         if self._tqdm_type is not None:

@@ -95,7 +95,7 @@ def check_settings(settings: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _check_model(config) -> None:
-    from lorakit.training.loop import is_gguf
+    from lorakit.tasks.causal_lm import is_gguf
 
     path = config.model.path
     if path is None:
@@ -302,7 +302,7 @@ class ChatModels:
             return base, answer(model, tokenizer, question, max_new_tokens)
 
     def _load(self, run_dir: Path):
-        from lorakit.training.loop import load_trained
+        from lorakit.tasks.causal_lm import load_trained
 
         weights = run_dir / "adapter" / "adapter_model.safetensors"
         if not weights.is_file():
