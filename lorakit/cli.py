@@ -249,9 +249,42 @@ def load_run(run_dir: str, *, dtype=None):
     return load_trained(run_dir, dtype=dtype)
 
 
+def _is_image_run(run_dir: str) -> bool:
+    from lorakit.tasks.vision_runs import IMAGE_TASKS
+    from lorakit.training.run_config import read_run_config
+
+    return read_run_config(run_dir).task in IMAGE_TASKS
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from lorakit.tasks.vision_runs import predict_files
+
+    if not _is_image_run(args.run):
+        raise ValueError(f"{args.run} is a language model run: use lorakit generate {args.run} --prompt TEXT")
+    options = {"top": args.top} if args.top else {}
+    if args.conf is not None:
+        options["conf"] = args.conf
+    results = predict_files(args.run, args.images, args.out, **options)
+    for path, found in zip(args.images, results):
+        print(path)
+        for name, score, *box in found:
+            where = "" if not box else "  [" + ", ".join(f"{v:.0f}" for v in box[0]) + "]"
+            print(f"  {name:24s} {score:.3f}{where}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import math
 
+    if _is_image_run(args.run):
+        from lorakit.tasks.vision_runs import evaluate_run
+
+        if args.data or args.prompt:
+            raise ValueError("--data and --prompt apply to language model runs; an image run is evaluated on its "
+                             "validation images (lorakit predict RUN IMAGE... for single images)")
+        metrics = evaluate_run(args.run)
+        print(", ".join(f"{k.removeprefix('valid_')} {v:.4f}" for k, v in metrics.items()))
+        return 0
     from lorakit.data import records, render
     from lorakit.demo import answer
     from lorakit.tasks.causal_lm import evaluate, load_examples, pad_id_of
@@ -362,12 +395,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (output_dir of lorakit train)")
     p.add_argument("--out", required=True, help="image file to write: .png (or .svg, .pdf)")
     p.set_defaults(func=cmd_plot)
-    p = sub.add_parser("eval", help="perplexity of a run's model on its validation split or --data")
+    p = sub.add_parser("eval", help="a run's validation metrics: perplexity (or on --data), accuracy, mAP")
     p.add_argument("run", help="run directory (output_dir of lorakit train)")
     p.add_argument("--data", help="a JSONL/CSV/Parquet file to evaluate instead")
     p.add_argument("--prompt", action="append", help="also answer this prompt (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("predict", help="an image run's predictions for image files: top classes, or boxes "
+                                       "(drawn into RUN_DIR/predictions/)")
+    p.add_argument("run", help="run directory of an image-classification or object-detection run")
+    p.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
+    p.add_argument("--top", type=int, help="classification: how many classes to list (default 5)")
+    p.add_argument("--conf", type=float, help="detection: the lowest score kept (default 0.25)")
+    p.add_argument("--out", help="detection: where to write the pictures (default RUN_DIR/predictions)")
+    p.set_defaults(func=cmd_predict)
     p = sub.add_parser("generate", help="answer prompts (or chat) with a run's model or a base model")
     p.add_argument("run", nargs="?", help="run directory (omit to use --base without an adapter)")
     p.add_argument("--base", help="FILE.gguf or Hugging Face directory when no run is given (default: embedded model)")

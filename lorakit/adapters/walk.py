@@ -8,7 +8,9 @@ configs written for PEFT select the same modules here:
 - a list matches a module whose name is in it, or ends with ``"." + item``
   (``["q_proj", "v_proj"]`` selects ``model.layers.0.self_attn.q_proj``);
 - ``"all-linear"`` selects every linear layer (``nn.Linear``, GPT-2's ``Conv1D``, quantized
-  linears) except the output head (``model.get_output_embeddings()``).
+  linears) except the output head (``model.get_output_embeddings()``);
+- ``"all-conv"`` selects every convolution with ``groups == 1`` (a vision model's 1x1 and full
+  convs; depthwise convs take no adapter, see `lorakit.models.classifiers`).
 
 `exclude_modules` uses the same rules and wins over `target_modules`.
 """
@@ -22,6 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from torch import nn
 
 ALL_LINEAR = "all-linear"
+ALL_CONV = "all-conv"
 Patterns = str | Sequence[str] | None
 
 
@@ -83,6 +86,11 @@ def find_targets(
             name for name, module in model.named_modules()
             if name and layer_kind(module) == "linear" and name not in heads
         ]
+    elif isinstance(target_modules, str) and target_modules == ALL_CONV:
+        selected = [
+            name for name, module in model.named_modules()
+            if name and (layer_kind(module) or "").startswith("conv") and getattr(module, "groups", 1) == 1
+        ]
     else:
         if target_modules is None or (not isinstance(target_modules, str) and len(target_modules) == 0):
             raise ValueError(
@@ -111,7 +119,7 @@ def _no_match_message(model: nn.Module, target_modules: Patterns, exclude_module
         f"target_modules={target_modules!r} matched no supported layer{excluded}.{hint} "
         f"Adaptable layer names in this model: {candidates}. "
         "A list matches exact names or name suffixes; a string is a regex that must match the whole name; "
-        "'all-linear' selects every linear layer but the output head."
+        "'all-linear' selects every linear layer but the output head, 'all-conv' every convolution with groups=1."
     )
 
 

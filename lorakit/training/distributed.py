@@ -64,6 +64,14 @@ class World:
         dist.all_reduce(t)
         return t.tolist()
 
+    def gather(self, items: list) -> list:
+        """Every process's `items` (picklable, small: e.g. detections for a metric), concatenated in rank order."""
+        if not self.distributed:
+            return list(items)
+        parts: list = [None] * self.size
+        dist.all_gather_object(parts, items)
+        return [item for part in parts for item in part]
+
     def all_reduce_grads(self, params: list[torch.nn.Parameter]) -> int:
         """Sum every parameter's gradient over all processes, as one flat buffer; return the bytes sent.
         A parameter without a gradient on this process (it saw no tokens) contributes zeros."""

@@ -64,7 +64,12 @@ class DataConfig:
     standard-library docstring pairs. `valid`: a file, or None to hold out `valid_fraction` of
     `train` (the embedded dataset has its own held-out modules). `shape` "auto" infers text,
     instruction or chat rows from the columns. `max_tokens` truncates each example; `packing`
-    concatenates examples into rows of `max_tokens`; `train_on_prompt` keeps the loss on prompts."""
+    concatenates examples into rows of `max_tokens`; `train_on_prompt` keeps the loss on prompts.
+
+    For image tasks, `train`/`valid` name an ImageFolder directory, an IDX file or "fashion-mnist"
+    (image-classification; `lorakit.tasks.image_classification`) or a YOLO data.yaml (object-detection);
+    `image_size` overrides the model's input size, `augment` turns training augmentation on or off, and
+    `max_examples` / `max_valid_examples` take a seeded random subset of the training / validation images."""
 
     train: str | None = None
     valid: str | None = None
@@ -73,6 +78,10 @@ class DataConfig:
     max_tokens: int = _setting(512, ge=2)
     train_on_prompt: bool = False
     packing: bool = False
+    image_size: int | None = _setting(None, ge=16)
+    augment: bool = True
+    max_examples: int | None = _setting(None, ge=1)
+    max_valid_examples: int | None = _setting(None, ge=1)
 
     def __post_init__(self) -> None:
         _validate(self, "data")
@@ -80,14 +89,16 @@ class DataConfig:
 
 @dataclass
 class AdapterConfig:
-    """The adapter (see `LoraConfig`). `group_size`: QA-LoRA's pooling groups, and the INT-N groups
+    """The adapter (see `LoraConfig`). `target_modules` null means the task's default: "all-linear" for a
+    causal LM, "all-conv" for image tasks. `group_size`: QA-LoRA's pooling groups, and the INT-N groups
     of a non-GGUF base, used by method qalora only. `bits` and `quant_method` ("rtn" or "gptq"): how
     qalora quantizes a base that is not already a GGUF (`IntNConfig`)."""
 
     r: int = _setting(16, ge=1)
     alpha: float = _setting(32.0, gt=0)
     dropout: float = _setting(0.0, ge=0, lt=1)
-    target_modules: str | list[str] = _setting("all-linear", what="a regex, 'all-linear', or a non-empty list of module names")
+    target_modules: str | list[str] | None = _setting(
+        None, what="a regex, 'all-linear', 'all-conv', a non-empty list of module names, or null (the task's default)")
     exclude_modules: str | list[str] | None = _setting(None, what="a regex, a non-empty list of module names, or null")
     use_rslora: bool = False
     group_size: int = _setting(32, ge=1)
@@ -130,10 +141,12 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    """Everything a `lorakit train` run needs. `method`: "lora" (dense base), "qlora" (NF4 base),
-    "qalora" (INT-N base and group-pooled adapter, mergeable into INT-N exactly)."""
+    """Everything a `lorakit train` run needs. `task`: what the model learns (`lorakit.tasks`). `method`:
+    "lora" (dense base), "qlora" (NF4 base), "qalora" (INT-N base and group-pooled adapter, mergeable into
+    INT-N exactly); null means the task's default: qalora for a causal LM, lora for image tasks."""
 
-    method: Literal["lora", "qlora", "qalora"] = "qalora"
+    method: Literal["lora", "qlora", "qalora"] | None = None
+    task: Literal["causal-lm", "image-classification", "object-detection"] = "causal-lm"
     output_dir: str = "runs/lorakit"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -142,6 +155,25 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _validate(self, "")
+        image_task = self.task != "causal-lm"
+        if self.method is None:
+            self.method = "lora" if image_task else "qalora"
+        if self.adapter.target_modules is None:
+            self.adapter.target_modules = "all-conv" if image_task else "all-linear"
+        d, default = self.data, DataConfig()
+        if image_task:
+            text_only = [k for k in ("shape", "max_tokens", "train_on_prompt", "packing")
+                         if getattr(d, k) != getattr(default, k)]
+            if text_only or self.method != "lora":
+                what = f"data.{text_only[0]}" if text_only else f"method={self.method}"
+                raise ValueError(f"{what} does not apply to task={self.task}: image tasks train method=lora (a dense "
+                                 f"base); remove it" + ("" if text_only else ", or set method=lora"))
+        else:
+            image_only = [k for k in ("image_size", "max_examples", "max_valid_examples") if getattr(d, k) is not None]
+            if image_only or not d.augment:
+                name = image_only[0] if image_only else "augment"
+                raise ValueError(f"data.{name} applies to image tasks only (task=image-classification or "
+                                 f"object-detection); this run is task={self.task}")
 
     def lora_config(self) -> LoraConfig:
         """The adapter's `LoraConfig`; `group_size` only for qalora (plain LoRA otherwise)."""

@@ -1,0 +1,84 @@
+"""A finished image-task run, used: load its model with the adapter, evaluate it, predict on image files.
+
+    model, task, config = load_vision_run(run_dir)          base + the run's adapter (head included), eval mode
+    metrics = evaluate_run(run_dir)                           the task's validation metrics
+    results = predict_files(run_dir, paths, out_dir=...)     classes / boxes per image; detection pictures
+
+The adapter's lorakit.json records what it was trained for (task, classes, model, input size), so a
+model loads from the adapter directory alone: `load_vision_adapter(adapter_dir)`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+IMAGE_TASKS = ("image-classification", "object-detection")
+
+
+def load_vision_run(run_dir: str | Path):
+    """(model with the run's adapter, task, config) of a finished image-task run."""
+    from lorakit.training.run_config import read_run_config
+
+    config = read_run_config(run_dir)
+    if config.task not in IMAGE_TASKS:
+        raise ValueError(f"{run_dir} is a task={config.task} run; this needs an image task run ({', '.join(IMAGE_TASKS)})")
+    model, task = _with_adapter(config, Path(run_dir) / "adapter")
+    return model, task, config
+
+
+def load_vision_adapter(adapter_dir: str | Path, name: str = "default", model: nn.Module | None = None):
+    """(model, task) from an image-task adapter directory alone (its lorakit.json names the task, classes,
+    model and input size); with `model`, the adapter is added to that base under `name` instead."""
+    from lorakit.io import read_json
+    from lorakit.training.run_config import load_config
+
+    meta = read_json(Path(adapter_dir) / "lorakit.json", "lorakit metadata").get("task")
+    if not meta or meta.get("task") not in IMAGE_TASKS:
+        raise ValueError(f"{adapter_dir} was not trained by an image task (its lorakit.json has no image task)")
+    overrides = [f"task={meta['task']}", f"model.path={meta['model']}"]
+    if meta.get("image_size"):
+        overrides.append(f"data.image_size={meta['image_size']}")
+    model, task = _with_adapter(load_config(None, overrides), Path(adapter_dir), name, model)
+    return model, task
+
+
+def _with_adapter(config, adapter_dir: Path, name: str = "default", model: nn.Module | None = None):
+    import lorakit
+    from lorakit.io import read_json
+    from lorakit.tasks import make_task
+
+    task = make_task(config)
+    base = model if model is not None else task.load_model()
+    lorakit.load_adapter(base, adapter_dir, name=name)
+    meta = read_json(adapter_dir / "lorakit.json", "lorakit metadata").get("task") or {}
+    task.restore(base, meta)
+    return base.eval(), task
+
+
+def evaluate_run(run_dir: str | Path) -> dict[str, float]:
+    """The task's validation metrics of a finished run's model on its validation images."""
+    model, task, _ = load_vision_run(run_dir)
+    _, valid, _ = task.examples()
+    if not valid:
+        raise ValueError(f"{run_dir} has no validation images (set data.valid or data.valid_fraction)")
+    return task.evaluate(model, valid)
+
+
+def predict_files(run_dir: str | Path, paths: list[str], out_dir: str | Path | None = None, **options) -> list:
+    """The run's predictions for image files: classification, the top classes; detection, the boxes, with a
+    copy of each image with its boxes drawn written to `out_dir` (default RUN_DIR/predictions)."""
+    from lorakit.data.images import read_image
+
+    model, task, config = load_vision_run(run_dir)
+    images = [read_image(p) for p in paths]
+    results = task.predict(model, images, **options)
+    if config.task == "object-detection":
+        from lorakit.report.draw import draw_boxes
+
+        out = Path(out_dir) if out_dir is not None else Path(run_dir) / "predictions"
+        out.mkdir(parents=True, exist_ok=True)
+        for path, image, found in zip(paths, images, results):
+            draw_boxes(image, found, out / (Path(path).stem + ".boxes.png"))
+    return results
