@@ -8,6 +8,7 @@ Classes are the subfolder names, sorted (class i = i-th name); every file below 
 (recursively, sorted paths) whose extension is an image extension (`IMAGE_EXTENSIONS`, any case) is
 one example of that class. Other files are skipped, as in torchvision. A class folder with no image
 is an error: its index would exist with no example, which is almost always a copying mistake.
+Folders whose name starts with "." (.ipynb_checkpoints, .git) are not classes.
 """
 
 from __future__ import annotations
