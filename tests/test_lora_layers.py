@@ -366,3 +366,43 @@ def check_report(model: nn.Module) -> None:
     assert report.active == "default"
     text = str(report)
     assert f"{trainable:,}" in text or str(trainable) in text, text
+
+
+class SamePadConv2d(nn.Conv2d):
+    """A conv that pads in its own forward, TensorFlow's "SAME" (as EfficientNet's Conv2dStaticSamePadding):
+    out = ceil(in / stride), the extra pad on the bottom/right."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s in zip(x.shape[:1:-1], self.kernel_size[::-1], self.stride[::-1]):  # (W, H) order for F.pad
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return nn.functional.conv2d(nn.functional.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def test_a_conv_that_pads_in_forward_gets_the_same_padding_for_its_adapter():
+    """The update must be conv(pad(x), ΔW): computed through the layer's own forward, not _conv_forward (no pad)."""
+    torch.manual_seed(0)
+    base = Single(SamePadConv2d(3, 8, 3, stride=2))
+    x = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(1))
+    model = fresh(base)
+    lorakit.inject_adapters(model, config())
+    assert torch.equal(run(model, x), run(base, x))
+    randomise_trainable_(model, std=0.1)
+    layer = model.layer
+    with torch.no_grad():
+        dense = fresh(base)
+        dense.layer.weight += layer.delta_weight()
+    expected = run(dense, x)  # (2, 8, 5, 5): SAME padding keeps ceil(9 / 2)
+    assert expected.shape == (2, 8, 5, 5)
+    assert max_diff(run(model, x), expected) <= FP32_ATOL
+    lorakit.merge_(model)
+    assert type(model.layer) is SamePadConv2d
+    assert max_diff(run(model, x), expected) <= FP32_ATOL
+
+
+def test_grouped_convs_are_refused_naming_them_and_leaving_the_model_unchanged():
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3, groups=4))
+    with pytest.raises(ValueError, match=r"grouped convs \['1'\].*modules_to_save"):
+        lorakit.inject_adapters(model, lorakit.LoraConfig(r=2, target_modules=["0", "1"]))
+    assert [type(m) for m in model] == [nn.Conv2d, nn.Conv2d]

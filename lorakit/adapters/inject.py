@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from lorakit.adapters.config import LoraConfig
-from lorakit.adapters.layers import LoraLayer, SavedModule, lora_layers, saved_modules
+from lorakit.adapters.layers import GROUPED_CONV, LoraLayer, SavedModule, lora_layers, saved_modules
 from lorakit.adapters.walk import find_targets, layer_kind, matches, replace_module
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -70,6 +70,10 @@ def inject_adapters(model: nn.Module, config: LoraConfig, name: str = "default",
         return layer_kind(module) is not None and not inside_saved and not _inside_saved_module(model, module_name)
 
     names = find_targets(model, config.target_modules, config.exclude_modules, accept)
+    grouped = [n for n in names if layer_kind(model.get_submodule(n)).startswith("conv") and model.get_submodule(n).groups != 1]
+    if grouped:  # checked before any layer changes, so the model is left as it was
+        raise ValueError(f"target_modules selects grouped convs {grouped[:5]}{' ...' if len(grouped) > 5 else ''} "
+                         f"({len(grouped)} in all): {GROUPED_CONV}")
     new_modules = dict(new_modules or {})
     unknown = [n for n in new_modules if n not in saved]
     if unknown:

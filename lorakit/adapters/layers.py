@@ -16,6 +16,11 @@ For an adapter with rank r, scaling s and input dropout:
 
 The A convolution uses the base's stride, padding, dilation and padding mode, so the update is
 exactly the dense ΔW = s · (B A) reshaped to W's layout (`delta_weight`), which merges losslessly.
+A conv subclass that pads in its own forward (TensorFlow "SAME": EfficientNet's
+Conv2dStaticSamePadding) runs both convolutions through that forward with the weight swapped, so the
+A convolution sees the base's padding too. Grouped convs (groups > 1, e.g. depthwise) are refused: an
+adapter that respects the groups is not PEFT's conv adapter, and PEFT's (a dense A over all input
+channels) does not merge into the grouped W.
 Adapter parameters are kept in float32 (or the base's dtype if it is float64) and cast to the
 input's dtype in forward, so a bf16 base computes in bf16 while the optimizer sees fp32 values.
 """
@@ -33,6 +38,12 @@ from torch import nn
 from lorakit.adapters.config import LoraConfig
 from lorakit.quant.linear import linear
 from lorakit.adapters.walk import layer_kind
+
+
+GROUPED_CONV = (
+    "a LoRA adapter on a grouped conv (groups > 1, e.g. depthwise) cannot both merge exactly and load in PEFT; "
+    "exclude it (exclude_modules) or train it in full (modules_to_save)"
+)
 
 
 def is_dense(weight: object) -> bool:
@@ -84,7 +95,7 @@ class LoraLayer(nn.Module):
         if kind is None:
             raise TypeError(f"cannot adapt {type(base).__name__}: supported are Linear, Embedding, Conv1d, Conv2d, GPT-2 Conv1D")
         if kind.startswith("conv") and base.groups != 1:
-            raise ValueError(f"cannot adapt {base}: grouped convolutions (groups={base.groups}) are not supported; exclude it")
+            raise ValueError(f"cannot adapt {base}: {GROUPED_CONV}")
         self.weight = base.weight  # the same Parameter (or quantized weight module): keys stay the base's
         self.register_parameter("bias", getattr(base, "bias", None))
         object.__setattr__(self, "base_layer", base)  # unregistered, after the weight: __getattr__ falls back to it
@@ -215,7 +226,7 @@ class LoraLayer(nn.Module):
             return linear(x, self.weight, self.bias)  # dense, or dequantized on the fly
         if self.kind == "embedding":
             return F.embedding(x, self.weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
-        return base._conv_forward(x, self.weight, self.bias)
+        return _conv(base, x, self.weight, self.bias)
 
     def adapter_forward(self, adapter: LoraAdapter, x: torch.Tensor, *, initial: bool = False) -> torch.Tensor:
         a, b = (adapter.A0, adapter.B0) if initial else (adapter.A, adapter.B)
@@ -228,7 +239,7 @@ class LoraLayer(nn.Module):
         if self.kind == "linear":
             return F.linear(_lora_hidden(adapter, x, a), b)  # (..., r) -> (..., out)
         x = adapter.dropout(x)
-        h = self.base_layer._conv_forward(x, a, None) * s  # (N, r, *spatial)
+        h = _conv(self.base_layer, x, a, None) * s  # (N, r, *spatial)
         return (F.conv1d if self.kind == "conv1d" else F.conv2d)(h, b)
 
     def offset_forward(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
@@ -335,6 +346,14 @@ def head_like(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module | 
         return nn.Linear(module.in_features, weight.shape[0], **kw)
     return nn.Conv2d(module.in_channels, weight.shape[0], module.kernel_size, module.stride, module.padding,
                      module.dilation, module.groups, padding_mode=module.padding_mode, **kw)
+
+
+def _conv(base: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The base conv's computation with another weight and bias: `_conv_forward` for torch's own conv
+    classes; a subclass with its own forward (padding in forward) runs that forward with them swapped in."""
+    if type(base).forward in (nn.Conv1d.forward, nn.Conv2d.forward):
+        return base._conv_forward(x, weight, bias)
+    return torch.func.functional_call(base, {"weight": weight, "bias": bias}, (x,))
 
 
 def _lora_hidden(adapter: LoraAdapter, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,13 @@
 """Models lorakit ships with or knows how to fetch from local files."""
 
+from lorakit.models.classifiers import (
+    CLASSIFIERS,
+    Classifier,
+    conv_names,
+    imagenet_classes,
+    load_classifier,
+    replace_classifier_,
+)
 from lorakit.models.default import (
     DEFAULT_MODEL,
     cache_root,
@@ -8,4 +16,7 @@ from lorakit.models.default import (
     load_causal_lm,
 )
 
-__all__ = ["DEFAULT_MODEL", "cache_root", "default_gguf_path", "default_model_dir", "load_causal_lm"]
+__all__ = [
+    "CLASSIFIERS", "Classifier", "DEFAULT_MODEL", "cache_root", "conv_names", "default_gguf_path", "default_model_dir",
+    "imagenet_classes", "load_causal_lm", "load_classifier", "replace_classifier_",
+]
