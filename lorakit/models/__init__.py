@@ -1,5 +1,7 @@
 """Models lorakit ships with or knows how to fetch from local files."""
 
+from lorakit.models.darknet import Darknet, load_darknet, load_yolov3_tiny, replace_head_, yolov3_tiny_files
+
 from lorakit.models.default import (
     DEFAULT_MODEL,
     cache_root,
@@ -8,4 +10,7 @@ from lorakit.models.default import (
     load_causal_lm,
 )
 
-__all__ = ["DEFAULT_MODEL", "cache_root", "default_gguf_path", "default_model_dir", "load_causal_lm"]
+__all__ = [
+    "DEFAULT_MODEL", "cache_root", "default_gguf_path", "default_model_dir", "load_causal_lm",
+    "Darknet", "load_darknet", "load_yolov3_tiny", "replace_head_", "yolov3_tiny_files",
+]

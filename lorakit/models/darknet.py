@@ -185,42 +185,51 @@ class Darknet(nn.Module):
         channels = [int(net.get("channels", 3))]  # channels[i + 1]: output channels of layer i
         scales = [1]  # input pixels per output cell, same indexing
         self.layers = nn.ModuleList()
-        self.head_names: list[str] = []
+        self.yolo_indices: list[int] = []  # layer index of each [yolo]; its head convolution is the layer before
         self.strides: list[int] = []
         for i, section in enumerate(sections[1:]):
             where = f"{source}:{section['line']} [{section['type']}] (layer {i})"
-            kind = section["type"]
-            c, scale = channels[-1], scales[-1]
-            if kind == "convolutional":
-                module = ConvBlock(c, section, where)
-                c, scale = module.conv.out_channels, scale * module.conv.stride[0]
-            elif kind == "maxpool":
-                module = MaxPool(int(section.get("size", 2)), int(section.get("stride", 2)))
-                scale *= module.stride
-            elif kind == "upsample":
-                stride = int(section.get("stride", 2))
-                module = nn.Upsample(scale_factor=stride, mode="nearest")
-                scale //= stride
-            elif kind == "route":
-                sources = [int(v) + i if int(v) < 0 else int(v) for v in section["layers"].split(",")]
-                if any(not 0 <= s < i for s in sources):
-                    raise ValueError(f"{where}: layers={section['layers']} refers outside layers 0..{i - 1}")
-                module = Route(sources)
-                c, scale = sum(channels[s + 1] for s in sources), scales[sources[0] + 1]
-            elif kind == "yolo":
-                module = self._yolo(section, i, c, where)
+            try:
+                module, c, scale = self._layer(section, i, channels, scales, where)
+            except KeyError as error:
+                raise ValueError(f"{where}: needs {error.args[0]}=") from None
+            except ValueError as error:
+                raise (error if str(error).startswith(where) else ValueError(f"{where}: {error}")) from None
+            if isinstance(module, YoloLayer):
+                self.yolo_indices.append(i)
                 self.strides.append(scale)
-            else:
-                raise ValueError(f"{where}: section type [{kind}] is not supported (convolutional, maxpool, upsample, route, yolo are)")
             self.layers.append(module)
             channels.append(c)
             scales.append(scale)
-        if not self.head_names:
-            raise ValueError(f"{source}: no [yolo] section")
-        self.num_classes = self.layers[int(self.head_names[0].split(".")[1]) + 1].num_classes
+        classes = {self.layers[i].num_classes for i in self.yolo_indices}
+        if len(classes) != 1:
+            raise ValueError(f"{source}: the [yolo] sections must agree on classes=, got {sorted(classes)}" if classes else f"{source}: no [yolo] section")
+        self.num_classes = classes.pop()
         if class_names is not None and len(class_names) != self.num_classes:
             raise ValueError(f"{len(class_names)} class names for a model with classes={self.num_classes}")
         self.class_names = class_names or [str(k) for k in range(self.num_classes)]
+
+    def _layer(self, section: dict[str, str], i: int, channels: list[int], scales: list[int], where: str) -> tuple[nn.Module, int, int]:
+        """Layer i's module, output channels and input pixels per output cell."""
+        kind = section["type"]
+        c, scale = channels[-1], scales[-1]
+        if kind == "convolutional":
+            module = ConvBlock(c, section, where)
+            return module, module.conv.out_channels, scale * module.conv.stride[0]
+        if kind == "maxpool":
+            module = MaxPool(int(section.get("size", 2)), int(section.get("stride", 2)))
+            return module, c, scale * module.stride
+        if kind == "upsample":
+            stride = int(section.get("stride", 2))
+            return nn.Upsample(scale_factor=stride, mode="nearest"), c, scale // stride
+        if kind == "route":
+            sources = [int(v) + i if int(v) < 0 else int(v) for v in section["layers"].split(",")]
+            if any(not 0 <= s < i for s in sources):
+                raise ValueError(f"{where}: layers={section['layers']} refers outside layers 0..{i - 1}")
+            return Route(sources), sum(channels[s + 1] for s in sources), scales[sources[0] + 1]
+        if kind == "yolo":
+            return self._yolo(section, i, c, where), c, scale
+        raise ValueError(f"{where}: section type [{kind}] is not supported (convolutional, maxpool, upsample, route, yolo are)")
 
     def _yolo(self, section: dict[str, str], i: int, c: int, where: str) -> YoloLayer:
         values = [float(v) for v in section["anchors"].split(",")]
@@ -230,12 +239,15 @@ class Darknet(nn.Module):
         head = self.layers[i - 1] if i > 0 else None
         if not isinstance(head, ConvBlock) or head.conv.out_channels != len(mask) * (5 + num_classes) or c != head.conv.out_channels:
             raise ValueError(f"{where}: a [yolo] layer must follow a convolution with {len(mask)}·(5+{num_classes}) filters")
-        self.head_names.append(f"layers.{i - 1}.conv")
         return YoloLayer(all_anchors[mask], num_classes)
 
     @property
+    def head_names(self) -> list[str]:
+        return [f"layers.{i - 1}.conv" for i in self.yolo_indices]
+
+    @property
     def anchors(self) -> list[torch.Tensor]:
-        return [self.layers[int(n.split(".")[1]) + 1].anchors for n in self.head_names]
+        return [self.layers[i].anchors for i in self.yolo_indices]
 
     def train(self, mode: bool = True) -> "Darknet":
         super().train(mode)
@@ -264,13 +276,13 @@ def load_darknet_weights_(model: Darknet, path: str | Path) -> dict[str, int]:
     data = path.read_bytes()
     if len(data) < 16:
         raise ValueError(f"{path}: {len(data)} bytes is too short for a Darknet weights header")
-    major, minor, revision = (int(v) for v in np.frombuffer(data, np.int32, 3))
+    major, minor, revision = (int(v) for v in np.frombuffer(data, "<i4", 3))
     wide_seen = major * 10 + minor >= 2
-    seen = int(np.frombuffer(data, np.int64 if wide_seen else np.int32, 1, 12)[0])
+    seen = int(np.frombuffer(data, "<i8" if wide_seen else "<i4", 1, 12)[0])
     offset = 20 if wide_seen else 16
     if (len(data) - offset) % 4:
         raise ValueError(f"{path}: {len(data) - offset} bytes after the header is not a whole number of float32s")
-    floats = np.frombuffer(data, np.float32, offset=offset)
+    floats = np.frombuffer(data, "<f4", offset=offset)
     blocks = [m for m in model.layers if isinstance(m, ConvBlock)]
     needed = sum(p.numel() for b in blocks for p in _file_order(b))
     if needed != floats.size:
@@ -327,10 +339,11 @@ def replace_head_(model: Darknet, num_classes: int, class_names: list[str] | Non
         raise ValueError(f"num_classes={num_classes!r}: give a positive integer")
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for num_classes={num_classes}")
-    for name in model.head_names:
-        block = model.get_submodule(name.rsplit(".", 1)[0])
-        yolo = model.layers[int(name.split(".")[1]) + 1]
+    for i in model.yolo_indices:
+        block, yolo = model.layers[i - 1], model.layers[i]
         old = block.conv
+        if type(old) is not nn.Conv2d:
+            raise TypeError(f"layers.{i - 1}.conv is a {type(old).__name__}: call replace_head_ before lorakit.inject_adapters")
         a = len(yolo.anchors)
         new = nn.Conv2d(old.in_channels, a * (5 + num_classes), 1, device=old.weight.device, dtype=old.weight.dtype)
         with torch.no_grad():

@@ -57,6 +57,10 @@ def test_cfg_errors_name_the_line():
         darknet.Darknet(parse_cfg(TINY_CFG.replace("[upsample]", "[shortcut]")))
     with pytest.raises(ValueError, match="refers outside"):
         darknet.Darknet(parse_cfg(TINY_CFG.replace("layers = -1, 2", "layers = -1, 40")))
+    with pytest.raises(ValueError, match=r"<cfg>:\d+ \[convolutional\] \(layer 2\): invalid literal"):
+        darknet.Darknet(parse_cfg(TINY_CFG.replace("filters=16", "filters=sixteen", 1)))
+    with pytest.raises(ValueError, match=r"\(layer 8\): needs layers="):
+        darknet.Darknet(parse_cfg(TINY_CFG.replace("layers = -3", "")))
 
 
 def test_missing_package_names_the_install_command(monkeypatch):
@@ -196,6 +200,8 @@ def test_lora_on_pretrained_convs_starts_at_the_base(yolov3_tiny):
         base = model(x)
     names = lorakit.inject_adapters(model, lorakit.LoraConfig(r=8, target_modules=r"layers\.\d+\.conv", modules_to_save=model.head_names))
     assert len(names) == 11  # 13 convolutions, less the two heads trained in full
+    with pytest.raises(TypeError, match="call replace_head_ before lorakit.inject_adapters"):
+        replace_head_(model, 2)
     with torch.no_grad():
         for a, b in zip(model(x), base):
             assert torch.equal(a, b)
