@@ -326,38 +326,50 @@ def load_yolov3_tiny() -> Darknet:
     return load_darknet(files.cfg, files.weights, files.names)
 
 
-def replace_head_(model: Darknet, num_classes: int, class_names: list[str] | None = None) -> list[str]:
-    """Give `model` new final 1x1 convolutions for `num_classes` classes; return their module names
-    (for LoRA's ``modules_to_save``).
+def new_heads(model: Darknet, num_classes: int) -> dict[str, nn.Conv2d]:
+    """New final 1x1 convolutions for `num_classes` classes, by module name, without changing `model`
+    (an adapter's head copies start as these: `lorakit.inject_adapters(..., new_modules=...)`).
 
     Each new head conv has A·(5+C) outputs. The box rows (tx, ty, tw, th) and the objectness row of
     every anchor are copied from the old head, which already localises objects; the class rows
     start with weights N(0, 0.01²) and bias log(0.6 / (C - 0.99)) (YOLOv5's prior: each class
     probability starts near 0.6/C, so the class loss starts small and balanced).
     """
-    if not isinstance(num_classes, int) or num_classes < 1:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes={num_classes!r}: give a positive integer")
-    if class_names is not None and len(class_names) != num_classes:
-        raise ValueError(f"{len(class_names)} class names for num_classes={num_classes}")
-    for i in model.yolo_indices:
-        block, yolo = model.layers[i - 1], model.layers[i]
-        old = block.conv
+    heads = {}
+    for i, name in zip(model.yolo_indices, model.head_names):
+        old, yolo = model.get_submodule(name), model.layers[i]
+        old = getattr(old, "original", old)  # a head already wrapped as a module trained in full
         if type(old) is not nn.Conv2d:
-            raise TypeError(f"layers.{i - 1}.conv is a {type(old).__name__}: call replace_head_ before lorakit.inject_adapters")
-        a = len(yolo.anchors)
+            raise TypeError(f"{name} is a {type(old).__name__}: new heads are made from the base's nn.Conv2d")
+        a, c_old = len(yolo.anchors), old.out_channels // len(yolo.anchors) - 5
         new = nn.Conv2d(old.in_channels, a * (5 + num_classes), 1, device=old.weight.device, dtype=old.weight.dtype)
         with torch.no_grad():
-            w_old = old.weight.view(a, 5 + yolo.num_classes, -1)  # (A, 5+C_old, in)
-            b_old = old.bias.view(a, 5 + yolo.num_classes)
+            w_old = old.weight.view(a, 5 + c_old, -1)  # (A, 5+C_old, in)
+            b_old = old.bias.view(a, 5 + c_old)
             w_new = new.weight.view(a, 5 + num_classes, -1)  # (A, 5+C, in)
             b_new = new.bias.view(a, 5 + num_classes)
             w_new[:, :5] = w_old[:, :5]
             b_new[:, :5] = b_old[:, :5]
             w_new[:, 5:].normal_(0.0, 0.01)
             b_new[:, 5:] = math.log(0.6 / (num_classes - 0.99))
-        block.conv = new
-        yolo.num_classes = num_classes
+        heads[name] = new
+    return heads
+
+
+def replace_head_(model: Darknet, num_classes: int, class_names: list[str] | None = None) -> list[str]:
+    """Give `model` new final 1x1 convolutions for `num_classes` classes (`new_heads`); return their module
+    names (for LoRA's ``modules_to_save``)."""
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for num_classes={num_classes}")
+    for name in model.head_names:
+        if type(model.get_submodule(name)) is not nn.Conv2d:
+            raise TypeError(f"{name} is a {type(model.get_submodule(name)).__name__}: call replace_head_ before "
+                            f"lorakit.inject_adapters")
+    for (name, new), i in zip(new_heads(model, num_classes).items(), model.yolo_indices):
+        model.layers[i - 1].conv = new
+        model.layers[i].num_classes = num_classes
     model.num_classes = num_classes
     model.class_names = list(class_names) if class_names else [str(k) for k in range(num_classes)]
     return list(model.head_names)
-
