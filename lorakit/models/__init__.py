@@ -1,4 +1,5 @@
-"""Models lorakit ships with or knows how to fetch from local files."""
+"""Models lorakit ships with or knows how to load from local files: the embedded SmolLM2 GGUF
+(`default`), ImageNet classifiers (`classifiers`), Darknet YOLO detectors (`darknet`)."""
 
 from lorakit.models.classifiers import (
     CLASSIFIERS,
@@ -8,6 +9,7 @@ from lorakit.models.classifiers import (
     load_classifier,
     replace_classifier_,
 )
+from lorakit.models.darknet import Darknet, load_darknet, load_yolov3_tiny, new_heads, replace_head_, yolov3_tiny_files
 from lorakit.models.default import (
     DEFAULT_MODEL,
     cache_root,
@@ -19,4 +21,5 @@ from lorakit.models.default import (
 __all__ = [
     "CLASSIFIERS", "Classifier", "DEFAULT_MODEL", "cache_root", "conv_names", "default_gguf_path", "default_model_dir",
     "imagenet_classes", "load_causal_lm", "load_classifier", "replace_classifier_",
+    "Darknet", "load_darknet", "load_yolov3_tiny", "new_heads", "replace_head_", "yolov3_tiny_files",
 ]
