@@ -54,7 +54,7 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
         image = image[:, :, None]
     if image.ndim != 3 or image.shape[2] not in (1, 3):
         raise ValueError(f"expected an image of shape (H, W), (H, W, 1) or (H, W, 3), got {image.shape}")
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)  # (C, H, W)
+    x = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).float().div_(255)  # (C, H, W)
     return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
 
 

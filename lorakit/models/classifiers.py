@@ -210,3 +210,24 @@ def conv_names(model: nn.Module, kind: str) -> list[str]:
         if (kind == "depthwise" and grouped) or (kind == "full" and not grouped) or (kind == "pointwise" and pointwise):
             names.append(n)
     return names
+
+
+class FrozenBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm2d that always normalises with its running statistics and never updates them, even in
+    train mode: LoRA leaves the base untouched, and batch statistics are part of the base (no adapter file
+    records them). Same parameters, buffers and state-dict keys as nn.BatchNorm2d."""
+
+    def train(self, mode: bool = True) -> FrozenBatchNorm2d:
+        return super().train(False)
+
+
+def freeze_batchnorm_(model: nn.Module) -> int:
+    """Make every nn.BatchNorm2d of `model` a `FrozenBatchNorm2d` in place (its class only: tensors and
+    keys stay); return how many. A training step then changes only what the optimizer trains."""
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.BatchNorm2d:
+            module.__class__ = FrozenBatchNorm2d
+            module.eval()
+            count += 1
+    return count

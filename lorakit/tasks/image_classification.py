@@ -53,9 +53,11 @@ class ImageClassification:
 
     # --- model -----------------------------------------------------------------------------------
     def load_model(self) -> nn.Module:
-        from lorakit.models.classifiers import load_classifier
+        from lorakit.models.classifiers import freeze_batchnorm_, load_classifier
 
-        return load_classifier(self.model_name).model
+        model = load_classifier(self.model_name).model
+        freeze_batchnorm_(model)  # running statistics are the base's: a LoRA step must not move them
+        return model
 
     @property
     def model_name(self) -> str:

@@ -395,13 +395,17 @@ def _global_batch(config, checkpoint: Path | None, world: World) -> int:
 
 
 def absolute_paths(config):
-    """The config with its file paths absolute, so `merge`, `export` and `eval` work from any directory."""
+    """The config with its file paths absolute, so `merge`, `export` and `eval` work from any directory. A
+    model or data value that names no existing file is kept as written: a built-in name ("mobilenet-v2",
+    "fashion-mnist"), or a missing file whose error then shows what the user typed."""
     from dataclasses import replace
 
-    def absolute(path):
-        return None if path is None else str(Path(path).expanduser().resolve())
+    def absolute(path, existing_only: bool = True):
+        if path is None or (existing_only and not Path(path).expanduser().exists()):
+            return path
+        return str(Path(path).expanduser().resolve())
 
-    return replace(config, output_dir=absolute(config.output_dir),
+    return replace(config, output_dir=absolute(config.output_dir, existing_only=False),
                    model=replace(config.model, path=absolute(config.model.path)),
                    data=replace(config.data, train=absolute(config.data.train), valid=absolute(config.data.valid)))
 
