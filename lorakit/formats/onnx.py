@@ -24,12 +24,13 @@ a scale and zero point from calibration (min-max over the calibration batches by
 activation uses scale = (max − min) / 255). Defaults, measured on this repository's 2-core AVX2 CPU
 (no VNNI) with `benchmarks/bench_onnx.py` and the toy problem of `tests/formats/test_onnx.py`:
 
-- `activation_type="uint8"` (U8S8): MobileNetV2 at 224x224 runs in ~15 ms per image against ~30 ms for
-  int8 activations (S8S8), which is no faster than the fp32 graph on this CPU.
-- `reduce_range=True` (weights on 7 bits, q in [−64, 63]): AVX2's u8·s8 multiply-add (VPMADDUBSW) sums two
-  products in int16, and 2 · 255 · 127 overflows it; with 7-bit weights it cannot. Full-range weights lost
-  0.7 accuracy points against fp32 on 8192 toy images, 7-bit weights none (−0.2). CPUs with VNNI or ARM
-  dot-product instructions do not saturate: pass `reduce_range=False` there for one more bit.
+- `activation_type="uint8"` (U8S8): MobileNetV2 at 224x224, one thread, runs in 17 ms per image against
+  22-25 ms for int8 activations (S8S8), no faster than the fp32 graph's 23 ms on this CPU.
+- `reduce_range=True` (weights on 7 bits, q in [−64, 64]): AVX2's u8·s8 multiply-add (VPMADDUBSW) sums two
+  products in int16, and 2 · 255 · 127 overflows it; 2 · 255 · 64 does not (onnxruntime advises it on CPUs
+  without VNNI for this reason). Full-range weights lost 0.7 accuracy points against fp32 on 8192 toy
+  images, 7-bit weights none (−0.2). CPUs with VNNI or ARM dot-product instructions do not saturate:
+  pass `reduce_range=False` there for one more bit.
 
 Files over protobuf's 2 GB limit (external data) are not handled: edge models are far below it.
 
@@ -54,6 +55,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lorakit.adapters.layers import lora_layers, saved_modules
 from lorakit.io import atomic_write
 
 INSTALL_HINT = "pip install 'lorakit[onnx]' (or pip install onnx onnxscript onnxruntime)"
@@ -158,10 +160,10 @@ def _check_exportable(model: nn.Module) -> None:
     """Refuse adapter layers, quantized weights and non-float32 weights, each with the call that fixes it."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    adapted = [n for n, m in model.named_modules() if getattr(m, "is_lora_layer", False) or type(m).__name__ == "SavedModule"]
+    adapted = [n for n, _ in lora_layers(model)] + [n for n, _ in saved_modules(model)]
     if adapted:
         raise ValueError(
-            f"the model still has unmerged adapters ({len(adapted)} layers: {', '.join(adapted[:4])}"
+            f"the model still has unmerged adapters ({len(adapted)} modules: {', '.join(adapted[:4])}"
             f"{', ...' if len(adapted) > 4 else ''}): call lorakit.merge_(model) first "
             "(lorakit.dequantize_and_merge_(model) for a QLoRA model), then export"
         )
@@ -416,7 +418,8 @@ def quantize_int8(
     `calibration_inputs`: batches shaped like the model's input (e.g. a few hundred training images in
     batches); the activation ranges come from running them, so they should look like real inputs. With
     `preprocess` the model first goes through onnxruntime's `quant_pre_process` (symbolic shape
-    inference and graph optimization, which folds leftover BatchNorms and constant subgraphs).
+    inference and graph optimization, which folds leftover BatchNorms and constant subgraphs; onnxruntime's
+advice for any graph, though on `export_onnx`'s already optimized graphs it changes nothing measurable).
     `method`: "minmax", "entropy" or "percentile" (`onnxruntime.quantization.CalibrationMethod`).
     `activation_type` "uint8" or "int8" and `reduce_range` (7-bit weights): see the module docstring.
     """
