@@ -59,7 +59,9 @@ from lorakit.adapters.layers import lora_layers, saved_modules
 from lorakit.io import atomic_write
 
 INSTALL_HINT = "pip install 'lorakit[onnx]' (or pip install onnx onnxscript onnxruntime)"
-DEFAULT_OPSET = 18  # the dynamo exporter's own opset in torch 2.13; onnxruntime 1.32 runs up to 23
+# The lowest opset torch 2.13's exporter implements (it defaults to 20; a lower request is a best-effort
+# conversion that can silently stay at 18), so the widest choice of runtimes (onnxruntime >= 1.14) loads it.
+DEFAULT_OPSET = 18
 
 
 def _require(module: str):
@@ -120,7 +122,7 @@ def export_onnx(
     _check_exportable(model)
     shape = _check_shape(input_shape, "input_shape")
     if not isinstance(opset, int) or opset < 18:
-        raise ValueError(f"opset={opset!r}: the torch.export-based exporter emits opset 18 or newer; use opset >= 18")
+        raise ValueError(f"opset={opset!r}: the torch.export-based exporter implements opset 18 and newer; use opset >= 18")
     if not isinstance(input_name, str) or not input_name:
         raise ValueError(f"input_name={input_name!r} must be a non-empty string")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -237,6 +237,7 @@ def test_bad_inputs_are_clear_errors(fine_tuned, tmp_path):
 def test_int8_keeps_accuracy(fine_tuned, exported, tmp_path):
     calibration = stripes(256, seed=3)[0].split(32)
     report = quantize_int8(exported.path, tmp_path / "model.int8.onnx", calibration)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.int8.onnx"]  # no temporary or side file left
     assert report.calibration_batches == 8 and report.activation_type == "uint8"
     assert report.quantized_ops == {"Conv": 3, "Gemm": 1, "ReduceMean": 1} and report.float_ops == {}
     images, labels = stripes(2048, seed=4)
