@@ -193,6 +193,24 @@ def test_several_outputs(tmp_path):
     assert check_onnx(report.path, model, torch.randn(2, 3, IMAGE, IMAGE)) <= FP32_ATOL
 
 
+class BoxesAndScores(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        y = self.conv(x)
+        return {"boxes": y, "scores": y.mean((2, 3))}
+
+
+def test_dict_outputs_name_the_graph_outputs(tmp_path):
+    model = BoxesAndScores().eval()
+    report = export_onnx(model, tmp_path / "dict.onnx", (1, 3, 8, 8))
+    assert report.output_names == ["boxes", "scores"]
+    assert report.output_shapes == [("batch", 4, 6, 6), ("batch", 4)]
+    assert check_onnx(report.path, model, torch.randn(3, 3, 8, 8)) <= FP32_ATOL
+
+
 class DataDependent(nn.Module):
     """Runs in eager mode but cannot be exported: the branch depends on the input's values."""
 
