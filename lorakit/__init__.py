@@ -38,10 +38,13 @@ from lorakit.quant import (
 
 __version__ = "0.1.0"
 
-_LAZY = {  # need the gguf package (the [hf] extra): imported on first use, so `import lorakit` stays light
+_LAZY = {  # need optional packages (gguf: the [hf] extra): imported on first use, so `import lorakit` stays light
     "load_gguf": "lorakit.formats.gguf_load",
     "export_gguf": "lorakit.formats.gguf_export",
     "export_gguf_adapter": "lorakit.formats.gguf_export",
+    "export_onnx": "lorakit.formats.onnx",  # onnx, onnxscript, onnxruntime: the [onnx] extra
+    "check_onnx": "lorakit.formats.onnx",
+    "quantize_int8": "lorakit.formats.onnx",
 }
 
 
@@ -61,4 +64,5 @@ __all__ = [
     "LoraConfig", "LoraLayer", "ParameterReport", "SavedModule", "active_adapter", "adapter_names",
     "delete_adapter", "disable_adapters", "inject_adapters", "load_adapter", "merge_", "parameter_report",
     "save_adapter", "set_active", "unmerge_", "load_gguf", "export_gguf", "export_gguf_adapter",
+    "export_onnx", "check_onnx", "quantize_int8",
 ]
