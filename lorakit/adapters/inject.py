@@ -48,7 +48,9 @@ def inject_adapters(model: nn.Module, config: LoraConfig, name: str = "default",
                     new_modules: Mapping[str, nn.Module] | None = None) -> list[str]:
     """Add adapter `name` to the layers `config.target_modules` selects; return their names.
 
-    In place. Layers already adapted take the new adapter beside their others. The new adapter
+    In place. Layers already adapted take the new adapter beside their others. `target_modules=[]` with
+    `modules_to_save` trains those modules in full and no LoRA layer (a head-only, or a full, fine-tune
+    measured against LoRA with the same files and loop). The new adapter
     becomes the active one and the only thing that trains (see `set_active`). `new_modules` maps
     names in `config.modules_to_save` to the module this adapter's copy starts as, instead of a copy
     of the original (a new classifier head for this adapter's classes).
@@ -69,7 +71,8 @@ def inject_adapters(model: nn.Module, config: LoraConfig, name: str = "default",
         inside_saved = any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", module_name) for m in saved)
         return layer_kind(module) is not None and not inside_saved and not _inside_saved_module(model, module_name)
 
-    names = find_targets(model, config.target_modules, config.exclude_modules, accept)
+    only_saved = isinstance(config.target_modules, list) and not config.target_modules and saved
+    names = [] if only_saved else find_targets(model, config.target_modules, config.exclude_modules, accept)
     grouped = [n for n in names if layer_kind(model.get_submodule(n)).startswith("conv") and model.get_submodule(n).groups != 1]
     if grouped:  # checked before any layer changes, so the model is left as it was
         raise ValueError(f"target_modules selects grouped convs {grouped[:5]}{' ...' if len(grouped) > 5 else ''} "

@@ -309,8 +309,8 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
             if key not in expected or expected[key].shape != value.shape:
                 got = tuple(expected[key].shape) if key in expected else "missing"
                 raise ValueError(f"{directory}: {module_name}.{key} {tuple(value.shape)} does not match the model ({got})")
-    if not layers:
-        raise ValueError(f"{directory}/{WEIGHTS_FILE} holds no LoRA tensors")
+    if not layers and not saved:
+        raise ValueError(f"{directory}/{WEIGHTS_FILE} holds no LoRA tensors and no module trained in full")
 
     attach_adapter(model, name, config, list(layers), saved_names, per_module, starts)
     with torch.no_grad():

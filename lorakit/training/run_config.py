@@ -41,8 +41,9 @@ from lorakit.io import write_text
 RUN_CONFIG_FILE = "config.yaml"
 
 
-def _setting(default: Any, **bounds: float | str) -> Any:
-    """A field with bounds on its value: ge (>=), gt (>), lt (<); `what` replaces the generated description."""
+def _setting(default: Any, **bounds: float | str | bool) -> Any:
+    """A field with bounds on its value: ge (>=), gt (>), lt (<); `what` replaces the generated description;
+    `empty=True` lets a list be empty."""
     return field(default=default, metadata=bounds)
 
 
@@ -90,7 +91,8 @@ class DataConfig:
 @dataclass
 class AdapterConfig:
     """The adapter (see `LoraConfig`). `target_modules` null means the task's default: "all-linear" for a
-    causal LM, "all-conv" for image tasks. `group_size`: QA-LoRA's pooling groups, and the INT-N groups
+    causal LM, "all-conv" for image tasks; [] with `modules_to_save` trains only those modules, in full
+    (an image task always trains its new head in full). `group_size`: QA-LoRA's pooling groups, and the INT-N groups
     of a non-GGUF base, used by method qalora only. `bits` and `quant_method` ("rtn" or "gptq"): how
     qalora quantizes a base that is not already a GGUF (`IntNConfig`)."""
 
@@ -98,8 +100,11 @@ class AdapterConfig:
     alpha: float = _setting(32.0, gt=0)
     dropout: float = _setting(0.0, ge=0, lt=1)
     target_modules: str | list[str] | None = _setting(
-        None, what="a regex, 'all-linear', 'all-conv', a non-empty list of module names, or null (the task's default)")
+        None, empty=True,
+        what="a regex, 'all-linear', 'all-conv', a list of module names ([]: none, with modules_to_save), or null "
+             "(the task's default)")
     exclude_modules: str | list[str] | None = _setting(None, what="a regex, a non-empty list of module names, or null")
+    modules_to_save: list[str] | None = _setting(None, what="a list of module names trained in full beside the adapter, or null")
     use_rslora: bool = False
     group_size: int = _setting(32, ge=1)
     bits: Literal[2, 3, 4, 5, 8] = 4
@@ -179,7 +184,7 @@ class RunConfig:
         """The adapter's `LoraConfig`; `group_size` only for qalora (plain LoRA otherwise)."""
         a = self.adapter
         return LoraConfig(r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=a.target_modules,
-                          exclude_modules=a.exclude_modules, use_rslora=a.use_rslora,
+                          exclude_modules=a.exclude_modules, use_rslora=a.use_rslora, modules_to_save=a.modules_to_save,
                           group_size=a.group_size if self.method == "qalora" else None)
 
     def to_dict(self) -> dict[str, Any]:
@@ -327,7 +332,7 @@ def _validate(config: Any, section: str) -> None:
                 raise TypeError(f"{key} must be of type {hint.__name__}, got {type(given).__name__}: {given!r}")
             continue
         try:
-            value = _coerce(given, hint)
+            value = [] if given == [] and f.metadata.get("empty") else _coerce(given, hint)
         except _Mismatch:
             raise ValueError(f"{key}={given!r} must be {_describe(hint, f.metadata)}{_suggest(given, hint)}") from None
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not _within(value, f.metadata):
