@@ -131,9 +131,11 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     """Everything a `lorakit train` run needs. `method`: "lora" (dense base), "qlora" (NF4 base),
-    "qalora" (INT-N base and group-pooled adapter, mergeable into INT-N exactly)."""
+    "qalora" (INT-N base and group-pooled adapter, mergeable into INT-N exactly), "dora" (lora's dense
+    base, DoRA adapter: `LoraConfig.use_dora`), "qdora" (qlora's NF4 base, DoRA adapter). A DoRA adapter
+    merges into a dense model only (`lorakit merge`), so there is no INT-N (qalora) DoRA."""
 
-    method: Literal["lora", "qlora", "qalora"] = "qalora"
+    method: Literal["lora", "qlora", "qalora", "dora", "qdora"] = "qalora"
     output_dir: str = "runs/lorakit"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -143,12 +145,18 @@ class RunConfig:
     def __post_init__(self) -> None:
         _validate(self, "")
 
+    @property
+    def base_method(self) -> Literal["lora", "qlora", "qalora"]:
+        """The method whose base model this run trains on: dora trains on lora's, qdora on qlora's."""
+        return {"dora": "lora", "qdora": "qlora"}.get(self.method, self.method)
+
     def lora_config(self) -> LoraConfig:
-        """The adapter's `LoraConfig`; `group_size` only for qalora (plain LoRA otherwise)."""
+        """The adapter's `LoraConfig`; `group_size` only for qalora, `use_dora` for dora and qdora."""
         a = self.adapter
         return LoraConfig(r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=a.target_modules,
                           exclude_modules=a.exclude_modules, use_rslora=a.use_rslora,
-                          group_size=a.group_size if self.method == "qalora" else None)
+                          group_size=a.group_size if self.method == "qalora" else None,
+                          use_dora=self.method in ("dora", "qdora"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
