@@ -334,7 +334,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     model, tokenizer, config = load_run(args.run)
     out = Path(args.out or Path(args.run) / "merged")
-    if config.method == "qlora":
+    if config.base_method == "qlora":
         lorakit.dequantize_and_merge_(model)
     else:
         lorakit.merge_(model)

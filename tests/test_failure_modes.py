@@ -231,8 +231,8 @@ def case_adapter_unknown_field(ctx):
 
 
 def case_adapter_unsupported_field(ctx):
-    run = copy_run(ctx, "adapter-dora")
-    edit_adapter_config(run, use_dora=True)
+    run = copy_run(ctx, "adapter-lora-bias")
+    edit_adapter_config(run, lora_bias=True)
     return cli("eval", run, "--prompt", "hi")
 
 

@@ -234,16 +234,6 @@ def test_peft_rank_pattern_loads_or_is_refused(tmp_path: Path):
     assert max_diff(logits(model, inputs), expected) <= FP32_ATOL
 
 
-def test_peft_dora_adapter_is_refused(tmp_path: Path):
-    """DoRA is not LoRA: loading it as LoRA would silently give other outputs."""
-    base = tiny_llama()
-    peft.get_peft_model(
-        fresh(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
-    ).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="dora"):
-        lorakit.load_adapter(fresh(base), tmp_path)
-
-
 # --- errors: a mismatched adapter is refused, loudly and before anything changes ---
 
 def _lorakit_adapter(tmp_path: Path) -> Path:

@@ -146,7 +146,7 @@ def test_unknown_key_in_override(override, message):
     ("adapter.dropout=1.0", "adapter.dropout=1.0 must be a number in \\[0, 1\\)"),
     ("data.packing='true'", "data.packing='true' must be true or false"),
     ("data.packing=1", "data.packing=1 must be true or false"),
-    ("method=dora", "method='dora' must be one of \\['lora', 'qlora', 'qalora'\\]"),
+    ("method=vera", "method='vera' must be one of \\['lora', 'qlora', 'qalora', 'dora', 'qdora'\\]"),
     ("method=qlor", "method='qlor' must be one of .* \\(did you mean 'qlora'\\?\\)"),
     ("data.shape=json", "data.shape='json' must be one of \\['auto', 'text', 'instruction', 'chat'\\]"),
     ("train.schedule=cosin", "train.schedule='cosin' must be one of .* \\(did you mean 'cosine'\\?\\)"),
@@ -229,8 +229,18 @@ def test_lora_config():
                                 "adapter.target_modules=[q_proj]", "adapter.exclude_modules=lm_head", "adapter.group_size=64"])
     assert config.lora_config() == LoraConfig(r=4, alpha=8.0, dropout=0.1, target_modules=["q_proj"],
                                               exclude_modules="lm_head", use_rslora=True, group_size=64)
-    for method in ("lora", "qlora"):
+    for method in ("lora", "qlora", "dora", "qdora"):
         assert load_config(None, [f"method={method}"]).lora_config().group_size is None
+    assert not config.lora_config().use_dora
+
+
+@pytest.mark.parametrize("method, base_method, use_dora", [
+    ("lora", "lora", False), ("qlora", "qlora", False), ("qalora", "qalora", False),
+    ("dora", "lora", True), ("qdora", "qlora", True),
+])
+def test_dora_methods_train_a_dora_adapter_on_lora_and_qlora_bases(method, base_method, use_dora):
+    config = load_config(None, [f"method={method}"])
+    assert (config.base_method, config.lora_config().use_dora) == (base_method, use_dora)
 
 
 def test_bits_are_the_quantizer_bits():
@@ -247,7 +257,7 @@ def floats(low, high=None, *, exclude_low=False, exclude_high=False):
 TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Cn", "Zl", "Zp")), min_size=1, max_size=20)
 MODULES = st.lists(st.text("abcdefghijklmnopqrstuvwxyz_.0123456789", min_size=1, max_size=10), min_size=1, max_size=4)
 VALID = {  # an independent statement of what each key accepts
-    "method": st.sampled_from(["lora", "qlora", "qalora"]),
+    "method": st.sampled_from(["lora", "qlora", "qalora", "dora", "qdora"]),
     "output_dir": TEXT,
     "model.path": st.none() | TEXT,
     "model.dtype": st.sampled_from(["auto", "float32", "bfloat16", "float16"]),

@@ -7,6 +7,14 @@ LoRA (Hu et al., 2021) freezes a weight W (out x in) and learns a low-rank updat
 
 so a layer computes y = W x + scaling · B (A dropout(x)). B starts at zero, so training starts
 from the base model exactly.
+
+DoRA (Liu et al., 2024; `use_dora=True`, PEFT's name) splits the adapted weight into a direction
+and a trained magnitude m, one per output channel:
+
+    W' = m ⊙ (W + ΔW) / ||W + ΔW||_c,   m initialised to ||W||_c (so W' = W at the start)
+
+where ||·||_c is the L2 norm of each output channel (row of W), taken as a constant in backward
+(the paper's section 4.3). See `lorakit.adapters.layers` for the forward and shapes.
 """
 
 from __future__ import annotations
@@ -44,6 +52,10 @@ class LoraConfig:
             ΔW = s·B·A·P (P averages each group) is constant inside each group. On a group-wise
             INT-N base with groups dividing this, `merge_` moves only the zeros and the merged
             model stays INT-N exactly. None: plain LoRA.
+        use_dora: DoRA (Liu et al., 2024): also train a magnitude m per output channel, W' = m ⊙ (W + ΔW) /
+            ||W + ΔW||_c. On linear (dense or NF4 base), GPT-2 Conv1D, embedding and convolution layers, as
+            PEFT. It merges exactly into a dense weight only: not with group_size (QA-LoRA), since m / ||·||
+            rescales whole rows and a merge into INT-N offsets needs an update constant in each group.
     """
 
     r: int = 8
@@ -56,6 +68,7 @@ class LoraConfig:
     modules_to_save: list[str] | None = None
     bias: str = "none"
     group_size: int | None = None
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         _check_int("r", self.r, minimum=1, hint="a typical rank is 8, 16 or 64")
@@ -77,6 +90,16 @@ class LoraConfig:
                 raise ValueError("init='pissa' cannot be combined with group_size (QA-LoRA); use init='default'")
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"use_rslora={self.use_rslora!r} must be true or false")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"use_dora={self.use_dora!r} must be true or false")
+        if self.use_dora and self.group_size is not None:
+            raise ValueError(
+                f"use_dora=True cannot be combined with group_size={self.group_size} (QA-LoRA): DoRA rescales each whole "
+                "output row by m / ||W + ΔW||, which is not constant inside a group, so it cannot merge into INT-N offsets "
+                "(QA-LoRA's point). Use group_size=None: DoRA on a dense or NF4 base merges into a dense model "
+                "(lorakit.merge_ / lorakit.dequantize_and_merge_)")
+        if self.use_dora and self.init == "pissa":
+            raise ValueError("use_dora=True cannot be combined with init='pissa'; use init='default' or 'gaussian'")
 
     @property
     def scaling(self) -> float:

@@ -6,7 +6,7 @@
     set_active(model, "other")                                                       # no reload
 
 Every adapter has a name (default "default"). Exactly one is active at a time; its A and B (and
-its `modules_to_save` copies, and the adapted biases with bias="lora_only") are the only
+its `modules_to_save` copies, the adapted biases with bias="lora_only", and DoRA's magnitudes) are the only
 parameters with `requires_grad`. Adding an adapter makes it the active one.
 """
 
@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from lorakit.adapters.config import LoraConfig
@@ -33,6 +34,7 @@ class AdapterState:
     configs: dict[str, LoraConfig] = field(default_factory=dict)
     active: str | None = None
     merged: dict[str, nn.Module] = field(default_factory=dict)  # name -> adapter layer taken out by merge_
+    merged_norms: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> DoRA's n at merge_, for unmerge_
     untied: bool = False  # merge_ set config.tie_word_embeddings False; unmerge_ restores it
 
 
@@ -169,6 +171,8 @@ def set_active(model: nn.Module, name: str) -> None:
             adapter = layer.lora[name]
             adapter.A.requires_grad_(True)
             adapter.B.requires_grad_(True)
+            if adapter.magnitude is not None:  # DoRA
+                adapter.magnitude.requires_grad_(True)
             if config.bias == "lora_only" and layer.bias is not None:
                 layer.bias.requires_grad_(True)
     for _, wrapper in saved_modules(model):

@@ -13,6 +13,8 @@ For an adapter with rank r, scaling s and input dropout:
     Conv1D      (in, out) (GPT-2)     (r, in)           (out, r)         x W + b + s · B A drop(x)
     embedding   (num, dim)            (r, num)          (dim, r)         W[ids] + s · B (Aᵀ[ids])
     convNd      (out, in, *k)         (r, in, *k)       (out, r, 1...)   conv(x, W) + s · B ⊛ conv(drop(x), A)
+    DoRA        any kind above        as its kind       as its kind      y + (m/n − 1) ⊙ W drop(x) + m/n ⊙ s · B A drop(x)
+                m (trained), n = ||W + ΔW||_c: (out,) linear, Conv1D; (dim,) embedding; (1, out, 1...) convNd; y = W x + b
 
 The A convolution uses the base's stride, padding, dilation and padding mode, so the update is
 exactly the dense ΔW = s · (B A) reshaped to W's layout (`delta_weight`), which merges losslessly.
@@ -21,6 +23,16 @@ Conv2dStaticSamePadding) runs both convolutions through that forward with the we
 A convolution sees the base's padding too. Grouped convs (groups > 1, e.g. depthwise) are refused: an
 adapter that respects the groups is not PEFT's conv adapter, and PEFT's (a dense A over all input
 channels) does not merge into the grouped W.
+
+DoRA (Liu et al., 2024; `use_dora`) also trains a magnitude m per output channel and computes with
+W' = m ⊙ (W + ΔW) / n, where n = ||W + ΔW||_c is the L2 norm of each output channel: a row of a linear
+W, a column of a Conv1D W, one embedding dimension over the vocabulary, one conv filter (`weight_norm`).
+n is computed without grad: a constant in backward (the paper's section 4.3, as PEFT), so no graph of
+the dense (out, in) W + ΔW is kept. m starts at n with ΔW = 0, so W' = W. With dropout off (eval, or
+p = 0), W drop(x) is the base output less its bias and the forward is m/n ⊙ (W + ΔW) x + b exactly;
+with dropout PEFT's formula above (one extra base matmul on drop(x)). An embedding has neither:
+m/n ⊙ (W[ids] + s · B Aᵀ[ids]). The magnitudes have PEFT's shapes and state-dict layout.
+
 Adapter parameters are kept in float32 (or the base's dtype if it is float64) and cast to the
 input's dtype in forward, so a bf16 base computes in bf16 while the optimizer sees fp32 values.
 """
@@ -36,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.adapters.config import LoraConfig
-from lorakit.quant.linear import linear
+from lorakit.quant.linear import dense_weight, linear
 from lorakit.adapters.walk import layer_kind
 
 
@@ -58,6 +70,8 @@ class LoraAdapter(nn.Module):
         B:  (out, r, *ones)   linear (out, r); embedding (embedding_dim, r)
         A0, B0 (PiSSA only, buffers): the initial A and B, so the adapter can be written as plain
             LoRA against the original (un-residualised) weight: s·(BA − B0A0) + s·B0A0.
+        magnitude (DoRA only, else None): m, one per output channel: linear (out,), embedding
+            (embedding_dim,), convNd (1, out, 1...).
     """
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, scaling: float, dropout: float, group_size: int | None = None) -> None:
@@ -68,6 +82,7 @@ class LoraAdapter(nn.Module):
         self.scaling = scaling
         self.group_size = group_size  # QA-LoRA: A sees the input averaged over groups of this size
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.register_parameter("magnitude", None)  # DoRA: set by LoraLayer.add_adapter
 
     @property
     def is_pissa(self) -> bool:
@@ -81,6 +96,7 @@ class LoraAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         extra = (", pissa" if self.is_pissa else "") + (f", group_size={self.group_size}" if self.group_size else "")
+        extra += ", dora" if self.magnitude is not None else ""
         return f"r={self.r}, scaling={self.scaling:g}" + extra
 
 
@@ -149,6 +165,8 @@ class LoraLayer(nn.Module):
         adapter = LoraAdapter(a, b, config.scaling, 0.0 if self.kind == "embedding" else config.dropout, config.group_size)
         if config.init == "pissa":
             self._init_pissa(adapter)
+        if config.use_dora:  # m = ||W + ΔW||_c: the adapted layer starts as the base layer
+            adapter.magnitude = nn.Parameter(self.weight_norm(adapter))
         self.lora[name] = adapter
 
     def _init_pissa(self, adapter: LoraAdapter) -> None:
@@ -204,7 +222,9 @@ class LoraLayer(nn.Module):
 
         `initial=True` gives the PiSSA initial update s · B0 A0 instead.
         """
-        adapter = self.lora[name or self.active]
+        return self._delta(self.lora[name or self.active], initial)
+
+    def _delta(self, adapter: LoraAdapter, initial: bool = False) -> torch.Tensor:
         a, b = (adapter.A0, adapter.B0) if initial else (adapter.A, adapter.B)
         r = adapter.r
         delta = adapter.scaling * (b.reshape(b.shape[0], r).float() @ a.reshape(r, -1).float())  # (out, in·k)
@@ -215,6 +235,15 @@ class LoraLayer(nn.Module):
         if self.kind.startswith("conv"):
             return delta.reshape(self.weight.shape)
         return delta.T if self.transposed else delta
+
+    def weight_norm(self, adapter: LoraAdapter) -> torch.Tensor:
+        """DoRA's n = ||W + ΔW||_c for `adapter`, without grad, in the adapter's dtype, shaped like its
+        magnitude: (out,) linear and Conv1D, (dim,) embedding, (1, out, 1...) convNd."""
+        with torch.no_grad():
+            w = dense_weight(self.weight, adapter.A.dtype) + self._delta(adapter).to(adapter.A.dtype)  # W's layout
+            if self.kind.startswith("conv"):  # (out, in, *k): one norm per filter
+                return w.flatten(1).norm(dim=1).view(1, -1, *(1 for _ in w.shape[2:]))
+            return w.norm(dim=0 if self.transposed or self.kind == "embedding" else 1)
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
@@ -242,6 +271,28 @@ class LoraLayer(nn.Module):
         h = _conv(self.base_layer, x, a, None) * s  # (N, r, *spatial)
         return (F.conv1d if self.kind == "conv1d" else F.conv2d)(h, b)
 
+    def dora_forward(self, adapter: LoraAdapter, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """DoRA's output from the base output `out` = W x + b (the module docstring's formula, PEFT's)."""
+        scale = adapter.magnitude / self.weight_norm(adapter)  # m / n: the gradient reaches m, not n
+        if self.kind == "embedding":
+            return (out + self.adapter_forward(adapter, x)) * scale.to(out.dtype)
+        conv = self.kind.startswith("conv")
+        if isinstance(adapter.dropout, nn.Identity) or not self.training:
+            xd, base = x, out  # W x = out − b
+            if self.bias is not None:
+                bias = self.bias.to(out.dtype)
+                base = out - (bias.view(-1, *(1 for _ in range(out.dim() - 2))) if conv else bias)
+        else:
+            xd = adapter.dropout(x)
+            base = (_conv(self.base_layer, xd, self.weight, None) if conv
+                    else xd @ self.weight if self.transposed else linear(xd, self.weight))  # W drop(x)
+        a, b = adapter.A.to(xd.dtype), adapter.B.to(xd.dtype)
+        if conv:
+            update = (F.conv1d if self.kind == "conv1d" else F.conv2d)(_conv(self.base_layer, xd, a, None) * adapter.scaling, b)
+        else:
+            update = F.linear(F.linear(xd, a) * adapter.scaling, b)  # (..., r) -> (..., out)
+        return out + (scale - 1).to(out.dtype) * base + scale.to(out.dtype) * update
+
     def offset_forward(self, adapter: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
         """QA-LoRA over INT-N offsets deployed in `weight.offset_dtype` (fp16 in GGUF Q4_1 / Q5_1):
         the update the merged file will really hold, Δm = fp16(m + δ) − m (straight-through in δ), times
@@ -268,6 +319,8 @@ class LoraLayer(nn.Module):
         if self.disabled:
             # PiSSA moved s·B0A0 out of W: add it back so "disabled" means the original model.
             return out + self.adapter_forward(adapter, x, initial=True) if adapter.is_pissa else out
+        if adapter.magnitude is not None:
+            return self.dora_forward(adapter, x, out)
         if self.kind == "linear" and adapter.group_size is not None and getattr(self.weight, "offset_dtype", None):
             return out + self.offset_forward(adapter, x)
         if self.kind == "linear" and out.is_contiguous() and out.dtype == x.dtype:

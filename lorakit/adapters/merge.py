@@ -6,7 +6,9 @@
   `LoraLayer.delta_weight`), computed in float32. On a group-wise INT-N base with a QA-LoRA
   adapter (adapter group_size a multiple of the weight's), ΔW is constant inside each group and
   the merge only moves the offsets: offset ← offset + ΔW. The merged model is still INT-N with
-  the same codes and scales, exactly. The adapter layers are replaced by the
+  the same codes and scales, exactly. A DoRA adapter merges as W ← m/n ⊙ (W + ΔW), n = ||W + ΔW||_c
+  (`LoraLayer.weight_norm`), exactly up to float32 rounding, into a dense base only: m/n rescales whole
+  rows, so no INT-N offset move can hold it. The adapter layers are replaced by the
   original plain layers (`nn.Linear`, `nn.Embedding`, ...), so the model saves and runs like the
   base model did. `unmerge_` subtracts ΔW again and puts the adapter layers back.
   Any other quantized base is refused with the merge that fits it, never silently re-quantized.
@@ -36,6 +38,15 @@ def merge_(model: nn.Module) -> list[str]:
         raise RuntimeError("adapters are already merged; call lorakit.unmerge_(model) first")
     layers = list(lora_layers(model))
     for name, layer in layers:
+        if layer.adapter() is not None and not is_dense(layer.weight) and layer.adapter().magnitude is not None:
+            raise ValueError(
+                f"{name} has a DoRA adapter over a quantized base ({type(layer.weight).__name__}): DoRA rescales each "
+                "whole output row by m / ||W + ΔW||, which moves every weight, not a constant per group, so it cannot "
+                "merge into INT-N offsets or NF4 codes. What is exact: lorakit.dequantize_and_merge_(model) merges into a "
+                "dense model, which lorakit.export_hf writes as a dense Hugging Face model (CLI: lorakit merge RUN, or "
+                "lorakit export RUN --format hf); lorakit.export_gguf then writes it in the template GGUF's tensor types "
+                "(exact where those are F32 / F16 / BF16, re-quantized with the error reported where they are 4-bit)."
+            )
         if layer.adapter() is not None and not is_dense(layer.weight) and not _merges_into_offsets(layer):
             raise ValueError(
                 f"{name} has a quantized base ({type(layer.weight).__name__}) that this adapter cannot merge into "
@@ -55,6 +66,9 @@ def merge_(model: nn.Module) -> list[str]:
         elif layer.adapter() is not None:
             with torch.no_grad():
                 new = layer.weight.float() + layer.delta_weight()
+                if layer.adapter().magnitude is not None:  # DoRA: W' = m/n ⊙ (W + ΔW)
+                    state.merged_norms[name] = layer.weight_norm(layer.adapter())
+                    new = new * _dora_scale(layer, state.merged_norms[name])
                 if id(layer.weight) in shared:
                     base.weight = nn.Parameter(new.to(layer.weight.dtype), requires_grad=False)
                     _untie_in_config(model, state)
@@ -105,11 +119,15 @@ def unmerge_(model: nn.Module) -> list[str]:
         elif layer.adapter() is not None:
             with torch.no_grad():
                 if current.weight is layer.weight:
-                    layer.weight.copy_(layer.weight.float() - layer.delta_weight())
+                    w = layer.weight.float()
+                    if name in state.merged_norms:  # DoRA: W = W' / (m/n) − ΔW, n as it was at merge_
+                        w = w / _dora_scale(layer, state.merged_norms[name])
+                    layer.weight.copy_(w - layer.delta_weight())
                 current.weight = layer.weight  # a tied weight was merged into a copy: drop the copy
             unmerged.append(name)
         replace_module(model, name, layer)
     state.merged.clear()
+    state.merged_norms.clear()
     if state.untied:
         model.config.tie_word_embeddings = True
         state.untied = False
@@ -123,6 +141,15 @@ def _untie_in_config(model: nn.Module, state) -> None:
     if getattr(config, "tie_word_embeddings", False):
         config.tie_word_embeddings = False
         state.untied = True
+
+
+def _dora_scale(layer: LoraLayer, norm: torch.Tensor) -> torch.Tensor:
+    """m / n (float32) laid out to scale W's output channels: linear (out, 1), Conv1D (1, out),
+    embedding (1, dim), convNd (out, 1, ...)."""
+    scale = layer.adapter().magnitude.float() / norm.float()
+    if layer.kind.startswith("conv"):
+        return scale.reshape(-1, *(1 for _ in layer.weight.shape[1:]))
+    return scale[None, :] if layer.transposed or layer.kind == "embedding" else scale[:, None]
 
 
 def _merges_into_offsets(layer: LoraLayer) -> bool:

@@ -29,7 +29,8 @@ error it introduced; nothing lossy happens silently.
 adapter format (``general.type = adapter``, ``adapter.type = lora``, ``adapter.lora.alpha``; tensors
 ``<base tensor>.lora_a`` (r, in) and ``.lora_b`` (out, r), float32), which llama.cpp adds on top of a
 base GGUF at load time (``--lora``). llama.cpp scales B A by alpha / r, so alpha is written as
-scaling · r. A QA-LoRA adapter becomes the exact plain LoRA A' = A spread over each group / g.
+scaling · r. A QA-LoRA adapter becomes the exact plain LoRA A' = A spread over each group / g. A DoRA
+adapter has no llama.cpp adapter form (its magnitude rescales W's rows) and is refused: merge it first.
 """
 
 from __future__ import annotations
@@ -305,6 +306,12 @@ def export_gguf_adapter(model: nn.Module, path: str | os.PathLike, *, template: 
     from lorakit.adapters.layers import lora_layers, saved_modules
 
     name, config = adapter_to_write(model, name, "export_gguf_adapter")
+    if config.use_dora:
+        raise ValueError(
+            f"adapter {name!r} is DoRA: a llama.cpp adapter adds alpha/r · B A to W and has no form for DoRA's "
+            "per-row rescaling m / ||W + ΔW||. Merge it and export the model instead: lorakit.merge_ (dense base) or "
+            "lorakit.dequantize_and_merge_ (NF4 base), then export_gguf (CLI: lorakit export RUN --format gguf), or "
+            "keep it as a PEFT adapter (save_adapter; --format peft)")
     _check_not_template(model, template, path, overwrite=False)
     if any(name in w.copies for _, w in saved_modules(model)):
         raise ValueError(f"adapter {name!r} trains whole modules (modules_to_save={config.modules_to_save}); a llama.cpp "

@@ -12,6 +12,7 @@ Keys are `base_model.model.<module name>` + a suffix:
     LoraLayer linear/conv  B          .lora_B.weight             (out, r, *1)
     LoraLayer embedding    A          .lora_embedding_A          (r, num_embeddings)
     LoraLayer embedding    B          .lora_embedding_B          (embedding_dim, r)
+    DoRA magnitude m                  .lora_magnitude_vector     (out,); embedding (embedding_dim,); conv (1, out, *1)
     adapted bias (bias="lora_only")   .base_layer.bias           (out,)
     base weight (PEFT, embeddings)    .base_layer.weight         as the base; read only, copied into it
     SavedModule copy parameter p      .p  (or .modules_to_save.p) as in the module
@@ -24,7 +25,8 @@ exact plain LoRA that PEFT runs on any dense base: A' = A spread over each group
 PiSSA adapters are written as plain LoRA against the original weight W = W_res + s·B0A0:
 A' = [A; A0] (2r x in), B' = [B, −B0] (out x 2r), alpha scaled so s stays the same.
 Loading is strict: every tensor in the file must land in a module of the right shape, and a
-PEFT feature lorakit does not implement (DoRA, LoRA bias, ...) is an error naming the field.
+PEFT feature lorakit does not implement (LoRA bias, ...) is an error naming the field. DoRA adapters
+(`use_dora`) are PEFT's own layout: A and B as above plus the magnitude, on the same base.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ SUFFIXES = {  # (kind is embedding, tensor) -> PEFT suffix
     (True, "B"): ".lora_embedding_B",
 }
 BIAS_SUFFIX = ".base_layer.bias"
+MAGNITUDE_SUFFIX = ".lora_magnitude_vector"  # DoRA's m
 BASE_WEIGHT_SUFFIX = ".base_layer.weight"  # PEFT saves whole embedding weights (save_embedding_layers); loaded into the base
 
 # Quantized-weight attributes recorded in lorakit.json, so a QLoRA / QA-LoRA adapter names its base's format.
@@ -67,7 +70,7 @@ QUANT_SETTINGS = ("quant_type", "bits", "group_size", "block_size", "double_quan
 QALORA_FIELDS = ("use_qalora", "qalora_group_size")  # read into LoraConfig.group_size
 PEFT_FIELDS_MAPPED = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "target_modules",
                       "exclude_modules": "exclude_modules", "use_rslora": "use_rslora", "modules_to_save": "modules_to_save",
-                      "bias": "bias"}
+                      "bias": "bias", "use_dora": "use_dora"}
 PEFT_FIELDS_IGNORED = {  # bookkeeping, or only about how PEFT initialises / wraps: no effect on loaded outputs
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
     "init_lora_weights", "fan_in_fan_out", "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern",
@@ -76,7 +79,7 @@ PEFT_FIELDS_IGNORED = {  # bookkeeping, or only about how PEFT initialises / wra
     "monteclora_config", "velora_config", "use_bdlora", "alora_invocation_tokens", "trainable_token_indices",
 }
 PEFT_FIELDS_UNSUPPORTED = {  # field -> value that is fine; anything else changes the math and is refused
-    "use_dora": False, "lora_bias": False,
+    "lora_bias": False,
 }
 # The fields whose values change what a loaded adapter computes: fingerprinted beside the weights.
 MATH_FIELDS = (*PEFT_FIELDS_MAPPED, *QALORA_FIELDS, *PEFT_FIELDS_UNSUPPORTED, "rank_pattern", "alpha_pattern")
@@ -106,6 +109,8 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
         emb = layer.kind == "embedding"
         tensors[PREFIX + module_name + SUFFIXES[emb, "A"]] = a
         tensors[PREFIX + module_name + SUFFIXES[emb, "B"]] = b
+        if adapter.magnitude is not None:
+            tensors[PREFIX + module_name + MAGNITUDE_SUFFIX] = adapter.magnitude.detach()
         if config.bias == "lora_only" and layer.bias is not None:
             tensors[PREFIX + module_name + BIAS_SUFFIX] = layer.bias.detach()
         module_names.append(module_name)
@@ -134,7 +139,7 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
         "fan_in_fan_out": transposed,
         "rank_pattern": {},
         "alpha_pattern": {},
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "lora_bias": False,
         "use_qalora": config.group_size is not None and not qalora_as_lora,
         "qalora_group_size": config.group_size if config.group_size is not None and not qalora_as_lora else 16,
@@ -277,8 +282,13 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
         kind = layer_kind(module)
         if kind is None:
             raise ValueError(f"{directory}: {module_name} is a {type(module).__name__}, which lorakit cannot adapt")
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"{directory}: {module_name} has only lora_{''.join(ab)} in {WEIGHTS_FILE}; the file is incomplete")
+        if "m" in ab and not config.use_dora:
+            raise ValueError(f"{directory}: {module_name} has a DoRA magnitude ({MAGNITUDE_SUFFIX[1:]}) but {CONFIG_FILE} "
+                             "says use_dora=false; the two files do not belong together")
+        if set(ab) != {"A", "B", *("m" if config.use_dora else "")}:
+            missing = sorted({"A", "B", *("m" if config.use_dora else "")} - set(ab))
+            raise ValueError(f"{directory}: {module_name} lacks {missing} in {WEIGHTS_FILE} (m: DoRA's "
+                             f"{MAGNITUDE_SUFFIX[1:]}); the file is incomplete")
         r = ab["A"].shape[0]
         alpha = _pattern_value(raw.get("alpha_pattern") or {}, module_name, config.alpha)
         try:
@@ -318,6 +328,8 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default")
             adapter = model.get_submodule(module_name).lora[name]
             adapter.A.copy_(ab["A"])
             adapter.B.copy_(ab["B"])
+            if "m" in ab:
+                adapter.magnitude.copy_(ab["m"])
         for module_name, bias in biases.items():
             model.get_submodule(module_name).bias.copy_(bias)
         for module_name, weight in base_weights.items():
@@ -344,6 +356,9 @@ def _group_tensors(tensors: dict[str, torch.Tensor], config: LoraConfig):
                 layers.setdefault(rest[: -len(suffix)], {})[ab] = value
                 break
         else:
+            if rest.endswith(MAGNITUDE_SUFFIX):
+                layers.setdefault(rest[: -len(MAGNITUDE_SUFFIX)], {})["m"] = value
+                continue
             if rest.endswith(BIAS_SUFFIX):
                 biases[rest[: -len(BIAS_SUFFIX)]] = value
                 continue
@@ -353,7 +368,7 @@ def _group_tensors(tensors: dict[str, torch.Tensor], config: LoraConfig):
             module_name, key_in_module = _split_saved(rest.replace(".modules_to_save.", "."), saved_patterns)
             if module_name is None:
                 raise ValueError(f"{WEIGHTS_FILE} has tensor {key!r} that lorakit does not know "
-                                 "(DoRA magnitudes, LoRA biases and other PEFT variants are not supported)")
+                                 "(LoRA biases and other PEFT variants are not supported)")
             saved.setdefault(module_name, {})[key_in_module] = value
     return layers, biases, saved, base_weights
 
@@ -395,8 +410,10 @@ def _check_shapes(module: nn.Module, module_name: str, ab: dict[str, torch.Tenso
             raise ValueError(f"{directory}: qalora_group_size={group_size} does not divide {module_name}'s input size {n_in}")
         n_in //= group_size
     kernel = tuple(probe.base_layer.kernel_size) if probe.kind.startswith("conv") else ()
-    expected = {"A": (r, n_in, *kernel), "B": (n_out, r, *(1 for _ in kernel))}
+    expected = {"A": (r, n_in, *kernel), "B": (n_out, r, *(1 for _ in kernel)),
+                "m": (1, n_out, *(1 for _ in kernel)) if kernel else (n_out,)}
     for key, shape in expected.items():
-        if tuple(ab[key].shape) != shape:
-            raise ValueError(f"{directory} was saved for another model: lora_{key} of {module_name} has shape "
+        if key in ab and tuple(ab[key].shape) != shape:
+            what = MAGNITUDE_SUFFIX[1:] if key == "m" else f"lora_{key}"
+            raise ValueError(f"{directory} was saved for another model: {what} of {module_name} has shape "
                              f"{tuple(ab[key].shape)}, this model's layer needs {shape}")

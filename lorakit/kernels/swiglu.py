@@ -125,6 +125,8 @@ def _fused_mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
         adapter = down.adapter()
         if adapter is not None and adapter.group_size is not None and getattr(weight, "offset_dtype", None):
             return down(F.silu(g) * u)  # QA-LoRA against fp16-deployed offsets: the layer's offset_forward
+        if adapter is not None and adapter.magnitude is not None:
+            return down(F.silu(g) * u)  # DoRA rescales the output channels: the layer's dora_forward
         if adapter is not None:
             return swiglu_down(g, u, weight, down.bias, adapter.A, adapter.B, adapter.scaling, adapter.group_size)
     return swiglu_down(g, u, weight, down.bias)

@@ -94,7 +94,7 @@ def load_model(config, *, dtype: torch.dtype | None = None, calibration=None):
 
     dtype = dtype or resolve_compute_dtype(config.model.dtype)
     path = config.model.path
-    method = config.method
+    method = config.base_method  # dora / qdora train on lora's / qlora's base
     if is_gguf(path):
         source = default_gguf_path() if path is None else Path(path).expanduser()
         model, tokenizer = lorakit.load_gguf(source, dtype, quantized=method == "qalora")

@@ -148,9 +148,11 @@ class TrainConfig:
 class RunConfig:
     """Everything a `lorakit train` run needs. `task`: what the model learns (`lorakit.tasks`). `method`:
     "lora" (dense base), "qlora" (NF4 base), "qalora" (INT-N base and group-pooled adapter, mergeable into
-    INT-N exactly); null means the task's default: qalora for a causal LM, lora for image tasks."""
+    INT-N exactly), "dora" (lora's dense base, DoRA adapter: `LoraConfig.use_dora`), "qdora" (qlora's NF4
+    base, DoRA adapter); null means the task's default: qalora for a causal LM, lora for image tasks. A DoRA
+    adapter merges into a dense model only (`lorakit merge`), so there is no INT-N (qalora) DoRA."""
 
-    method: Literal["lora", "qlora", "qalora"] | None = None
+    method: Literal["lora", "qlora", "qalora", "dora", "qdora"] | None = None
     task: Literal["causal-lm", "image-classification", "object-detection"] = "causal-lm"
     output_dir: str = "runs/lorakit"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -169,10 +171,10 @@ class RunConfig:
         if image_task:
             text_only = [k for k in ("shape", "max_tokens", "train_on_prompt", "packing")
                          if getattr(d, k) != getattr(default, k)]
-            if text_only or self.method != "lora":
+            if text_only or self.method not in ("lora", "dora"):
                 what = f"data.{text_only[0]}" if text_only else f"method={self.method}"
-                raise ValueError(f"{what} does not apply to task={self.task}: image tasks train method=lora (a dense "
-                                 f"base); remove it" + ("" if text_only else ", or set method=lora"))
+                raise ValueError(f"{what} does not apply to task={self.task}: image tasks train method=lora or dora "
+                                 f"(a dense base); remove it" + ("" if text_only else ", or set method=lora"))
         else:
             image_only = [k for k in ("image_size", "max_examples", "max_valid_examples") if getattr(d, k) is not None]
             if image_only or not d.augment:
@@ -180,12 +182,18 @@ class RunConfig:
                 raise ValueError(f"data.{name} applies to image tasks only (task=image-classification or "
                                  f"object-detection); this run is task={self.task}")
 
+    @property
+    def base_method(self) -> Literal["lora", "qlora", "qalora"]:
+        """The method whose base model this run trains on: dora trains on lora's, qdora on qlora's."""
+        return {"dora": "lora", "qdora": "qlora"}.get(self.method, self.method)
+
     def lora_config(self) -> LoraConfig:
-        """The adapter's `LoraConfig`; `group_size` only for qalora (plain LoRA otherwise)."""
+        """The adapter's `LoraConfig`; `group_size` only for qalora, `use_dora` for dora and qdora."""
         a = self.adapter
         return LoraConfig(r=a.r, alpha=a.alpha, dropout=a.dropout, target_modules=a.target_modules,
                           exclude_modules=a.exclude_modules, use_rslora=a.use_rslora, modules_to_save=a.modules_to_save,
-                          group_size=a.group_size if self.method == "qalora" else None)
+                          group_size=a.group_size if self.method == "qalora" else None,
+                          use_dora=self.method in ("dora", "qdora"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -191,7 +191,7 @@ def build_app():
 
 def _input(gr, key: str, label: str, info: str):
     if key == "method":
-        return gr.Radio(["qalora", "qlora", "lora"], value=DEFAULTS[key], label=label, info=info)
+        return gr.Radio(["qalora", "qlora", "lora", "qdora", "dora"], value=DEFAULTS[key], label=label, info=info)
     if key in ("model.path", "data.train"):
         return gr.Textbox(label=label, info=info, placeholder="embedded")
     if key == "output_dir":
