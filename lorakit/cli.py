@@ -163,6 +163,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from lorakit.tasks.causal_lm import is_gguf
 
+    image_run = bool(args.run) and _is_image_run(args.run)
+    if image_run or args.format == "onnx":
+        if not image_run or args.format not in (None, "onnx"):
+            raise ValueError("--format onnx exports image-task runs (lorakit export RUN_DIR --format onnx); a language "
+                             "model exports as gguf, gguf-adapter, hf, peft or ollama")
+        from lorakit.tasks.edge import export_run_onnx
+
+        print(export_run_onnx(args.run, args.out, int8=args.int8))
+        return 0
+    if args.int8:
+        raise ValueError("--int8 applies to --format onnx (image-task runs); a GGUF export keeps the base's own types")
+    args.format = args.format or "gguf"
     if args.run:  # a finished `lorakit train` run: its config.yaml names the base and method
         model, tokenizer, config = load_run(args.run)
         adapter = Path(args.run) / "adapter"
@@ -345,9 +357,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.vision:
+        from lorakit.demo_vision import run_vision_demo
+
+        run_vision_demo(args.out or "runs/demo-vision", steps=args.steps or 60, progress=not args.quiet)
+        return 0
     from lorakit.demo import run_demo
 
-    run_demo(args.out, steps=args.steps, progress=not args.quiet)
+    run_demo(args.out or "runs/demo", steps=args.steps or 40, progress=not args.quiet)
     return 0
 
 
@@ -423,8 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
     p = sub.add_parser("demo", help="the whole mission on the embedded model: QA-LoRA on its Q4_1 codes, "
                                     "lossless merge, GGUF export, report")
-    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
-    p.add_argument("--steps", type=int, default=40, help="training steps (default 40, a few minutes on 2 cores)")
+    p.add_argument("--vision", action="store_true", help="the vision story instead: YOLOv3-tiny and MobileNetV2 "
+                                                          "fine-tuned with LoRA, adapters swapped, ONNX/INT8 export")
+    p.add_argument("--out", help="output directory (default runs/demo, or runs/demo-vision with --vision)")
+    p.add_argument("--steps", type=int, help="training steps per run (default 40, or 60 with --vision; a few "
+                                             "minutes on 2 cores)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("export", help="merge an adapter into its base and write it (GGUF, Ollama, Hugging Face), "
@@ -433,7 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="adapter directory written by lorakit (PEFT format)")
     p.add_argument("--base", help="the base it was trained on: FILE.gguf or a Hugging Face directory "
                                   "(default: the embedded SmolLM2-135M-Instruct GGUF)")
-    p.add_argument("--format", choices=["gguf", "gguf-adapter", "hf", "peft", "ollama"], default="gguf")
+    p.add_argument("--format", choices=["gguf", "gguf-adapter", "hf", "peft", "ollama", "onnx"], default=None,
+                   help="default gguf; onnx for image-task runs (adapter merged, checked in onnxruntime)")
+    p.add_argument("--int8", action="store_true", help="onnx: also write an INT8 model (static quantization, "
+                                                        "calibrated on the run's training images) and score it")
     p.add_argument("--template", help="GGUF whose metadata and layout to write into (default: the base's own file)")
     p.add_argument("--out", required=True, help="output .gguf file (or directory for --format hf, ollama)")
     p.add_argument("--force", action="store_true", help="replace --out even if it is the base GGUF itself, or a "

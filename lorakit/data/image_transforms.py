@@ -148,28 +148,36 @@ def detection_input(image: np.ndarray, boxes: np.ndarray, size: int, mean=(0.0, 
     return normalize(x, mean, std), moved
 
 
-def augment_detection(
-    image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, size: int, seed: int, epoch: int, index: int,
-    scale=(0.5, 1.0), hflip: bool = True, min_visible: float = 0.4, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """Training transform for detection: random crop (area fraction in `scale`, the image's own aspect),
-    horizontal flip, letterbox to `size`. Boxes (n, 4) pixel xyxy are clipped to the crop; those keeping
-    under `min_visible` of their area are dropped with their labels. Returns (x, boxes, labels)."""
+def crop_and_flip(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, seed: int, epoch: int, index: int,
+                  scale=(0.5, 1.0), hflip: bool = True, min_visible: float = 0.4):
+    """Detection's training crop, a pure function of (seed, epoch, index): a random crop of `scale` of the
+    area (the image's own aspect), then a horizontal flip with probability 1/2. uint8 (H, W, C) image; boxes
+    (n, 4) pixel xyxy are clipped to the crop and move with it; one keeping under `min_visible` of its area
+    is dropped with its label. Returns (image, boxes, labels)."""
     g = generator(seed, epoch, index)
-    x = to_tensor(image)
-    height, width = x.shape[-2:]
+    height, width = image.shape[:2]
     fraction = math.sqrt(_uniform(g, *scale))
     h, w = max(1, round(height * fraction)), max(1, round(width * fraction))
     top = int(torch.randint(0, height - h + 1, (), generator=g))
     left = int(torch.randint(0, width - w + 1, (), generator=g))
-    x = x[:, top : top + h, left : left + w]
+    image = image[top : top + h, left : left + w]
     b = boxes.astype(np.float32).reshape(-1, 4) - np.array([left, top, left, top], dtype=np.float32)
     area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     b = np.clip(b, 0, [w, h, w, h]).astype(np.float32)
     kept = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) >= min_visible * np.maximum(area, 1e-9)
     b, labels = b[kept], labels[kept]
     if hflip and torch.rand((), generator=g).item() < 0.5:
-        x = x.flip(-1)
+        image = image[:, ::-1]
         b = np.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], axis=1).astype(np.float32)
-    x, b = letterbox(x, b, size)
+    return np.ascontiguousarray(image), b, labels
+
+
+def augment_detection(
+    image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, size: int, seed: int, epoch: int, index: int,
+    scale=(0.5, 1.0), hflip: bool = True, min_visible: float = 0.4, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Training transform for detection: `crop_and_flip`, then letterbox to `size` and normalise.
+    Returns (x, boxes, labels)."""
+    image, b, labels = crop_and_flip(image, boxes, labels, seed, epoch, index, scale, hflip, min_visible)
+    x, b = letterbox(to_tensor(image), b, size)
     return normalize(x, mean, std), b, labels

@@ -104,6 +104,7 @@ class ObjectDetection:
         """images (B, 3, S, S) letterboxed; targets (M, 6) = (image_index, class, cx, cy, w, h) normalised to
         the input; and, for metrics, each image's boxes (class, x1, y1, x2, y2) in its own pixels, its frame
         (scale_x, scale_y, offset_x, offset_y) and size."""
+        from lorakit.data.image_transforms import crop_and_flip
         from lorakit.data.images import to_normalized_cxcywh
         from lorakit.tasks.yolo import preprocess, targets_to_input
 
@@ -143,7 +144,7 @@ class ObjectDetection:
         view is gathered from all (at most 100 boxes per image)."""
         from lorakit.tasks.base import compute_dtype
         from lorakit.tasks.detection_metrics import mean_average_precision
-        from lorakit.tasks.yolo import decode, postprocess
+        from lorakit.tasks.yolo import decode, postprocess, to_image_pixels
         from lorakit.tasks.yolo_loss import yolo_loss
         from lorakit.training.distributed import World
 
@@ -208,36 +209,3 @@ def load_detector(path: str | None) -> nn.Module:
     return load_darknet(cfg, weights)
 
 
-def to_image_pixels(found: torch.Tensor, frame: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
-    """(K, 6) detections in input pixels -> the same in the original image's pixels, clipped to it."""
-    sx, sy, ox, oy = frame.tolist()
-    h, w = size.tolist()
-    out = found.clone()
-    out[:, [0, 2]] = ((found[:, [0, 2]] - ox) / sx).clamp(0, w)
-    out[:, [1, 3]] = ((found[:, [1, 3]] - oy) / sy).clamp(0, h)
-    return out
-
-
-def crop_and_flip(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, seed: int, epoch: int, index: int,
-                  scale=(0.5, 1.0), min_visible: float = 0.4):
-    """Training augmentation, a pure function of (seed, epoch, index): a random crop of `scale` of the area
-    (the image's own aspect), then a horizontal flip with probability 1/2. Boxes (n, 4) pixel xyxy move with
-    the image; one keeping under `min_visible` of its area is dropped with its label."""
-    from lorakit.data.image_transforms import generator
-
-    g = generator(seed, epoch, index)
-    height, width = image.shape[:2]
-    fraction = float(np.sqrt(scale[0] + (scale[1] - scale[0]) * torch.rand((), generator=g).item()))
-    h, w = max(1, round(height * fraction)), max(1, round(width * fraction))
-    top = int(torch.randint(0, height - h + 1, (), generator=g))
-    left = int(torch.randint(0, width - w + 1, (), generator=g))
-    image = image[top:top + h, left:left + w]
-    b = boxes.astype(np.float32).reshape(-1, 4) - np.array([left, top, left, top], dtype=np.float32)
-    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    b = np.clip(b, 0, [w, h, w, h]).astype(np.float32)
-    kept = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) >= min_visible * np.maximum(area, 1e-9)
-    b, labels = b[kept], labels[kept]
-    if torch.rand((), generator=g).item() < 0.5:
-        image = image[:, ::-1]
-        b = np.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], axis=1).astype(np.float32)
-    return np.ascontiguousarray(image), b, labels

@@ -28,20 +28,23 @@ def load_vision_run(run_dir: str | Path):
     return model, task, config
 
 
-def load_vision_adapter(adapter_dir: str | Path, name: str = "default", model: nn.Module | None = None):
+def load_vision_adapter(adapter_dir: str | Path, name: str = "default", model: nn.Module | None = None,
+                        config=None):
     """(model, task) from an image-task adapter directory alone (its lorakit.json names the task, classes,
-    model and input size); with `model`, the adapter is added to that base under `name` instead."""
+    model and input size); with `model`, the adapter is added to that base under `name` instead. `config`:
+    the run config whose data the task reads (default: one made from the adapter's metadata, default data)."""
     from lorakit.io import read_json
     from lorakit.training.run_config import load_config
 
     meta = read_json(Path(adapter_dir) / "lorakit.json", "lorakit metadata").get("task")
     if not meta or meta.get("task") not in IMAGE_TASKS:
         raise ValueError(f"{adapter_dir} was not trained by an image task (its lorakit.json has no image task)")
-    overrides = [f"task={meta['task']}", f"model.path={meta['model']}"]
-    if meta.get("image_size"):
-        overrides.append(f"data.image_size={meta['image_size']}")
-    model, task = _with_adapter(load_config(None, overrides), Path(adapter_dir), name, model)
-    return model, task
+    if config is None:
+        overrides = [f"task={meta['task']}", f"model.path={meta['model']}"]
+        if meta.get("image_size"):
+            overrides.append(f"data.image_size={meta['image_size']}")
+        config = load_config(None, overrides)
+    return _with_adapter(config, Path(adapter_dir), name, model)
 
 
 def _with_adapter(config, adapter_dir: Path, name: str = "default", model: nn.Module | None = None):

@@ -163,14 +163,16 @@ def detect(
         rows = decode(model(x.to(device)), model.anchors, model.input_size)
     finally:
         model.train(was_training)
-    results = []
-    for image, frame, found in zip(images, frames, postprocess(rows, conf, iou, max_det)):
-        found = found.cpu()
-        h, w = image.shape[:2]
-        sx, sy, ox, oy = frame.tolist()
-        found[:, [0, 2]] = (found[:, [0, 2]] - ox) / sx  # input pixels -> image pixels
-        found[:, [1, 3]] = (found[:, [1, 3]] - oy) / sy
-        found[:, [0, 2]] = found[:, [0, 2]].clamp(0, w)
-        found[:, [1, 3]] = found[:, [1, 3]].clamp(0, h)
-        results.append(found)
-    return results
+    return [to_image_pixels(found.cpu(), frame, image.shape[:2])
+            for image, frame, found in zip(images, frames, postprocess(rows, conf, iou, max_det))]
+
+
+def to_image_pixels(found: torch.Tensor, frame: torch.Tensor, size) -> torch.Tensor:
+    """(K, 6) detections with boxes in input pixels -> the same in the original image's pixels (`frame` from
+    `preprocess`, `size` the image's (H, W)), clipped to the image."""
+    sx, sy, ox, oy = frame.tolist()
+    h, w = (float(v) for v in size)
+    out = found.clone()
+    out[:, [0, 2]] = ((found[:, [0, 2]] - ox) / sx).clamp(0, w)
+    out[:, [1, 3]] = ((found[:, [1, 3]] - oy) / sy).clamp(0, h)
+    return out
