@@ -180,7 +180,7 @@ def classification_swap(out: Path, steps: int, progress: bool) -> dict:
     valid = {name: task.examples()[1] for name, task in tasks.items()}  # each task's own validation images
     base_sha = _base_digest(model)
     sequence, seconds, switches = [], 0.0, 0
-    for name in ("fine", "coarse", "fine", "coarse", "fine"):
+    for name in ("fine", "coarse", "fine"):
         start = time.perf_counter()
         lorakit.set_active(model, name)
         seconds += time.perf_counter() - start

@@ -17,6 +17,9 @@ weighted by `weight`), so gradient accumulation and data parallelism give the gr
 `unit` names what `weight` counts ("tokens", "images"): metrics.jsonl logs `{unit}_per_s`. A task's
 `summary` and `describe` turn validation metrics into summary.json entries and the last progress line;
 `adapter_metadata` is what the saved adapter records of the task (an image task's classes).
+
+Image tasks also have `restore(model, metadata)` (a trained adapter's classes and input size, from its
+lorakit.json) and `predict(model, images)` (`lorakit predict`); a causal LM predicts with `generate`.
 """
 
 from __future__ import annotations
