@@ -93,6 +93,7 @@ class LoraLayer(nn.Module):
         self.lora = nn.ModuleDict()
         self.active: str | None = None
         self.disabled = False
+        self.routes = None  # lorakit.adapters.mixed.Routes during a mixed-adapter forward: one adapter per row
 
     # -- shapes -------------------------------------------------------------------------------
     @property
@@ -250,6 +251,8 @@ class LoraLayer(nn.Module):
         return F.linear(sums, moved.to(sums.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.routes is not None:
+            return self.routes.layer_forward(self, x)
         out = self.base_forward(x)
         if self.active is None:
             return out
@@ -294,6 +297,7 @@ class SavedModule(nn.Module):
         self.copies = nn.ModuleDict()
         self.active: str | None = None
         self.disabled = False
+        self.routes = None  # lorakit.adapters.mixed.Routes during a mixed-adapter forward
 
     def add_adapter(self, name: str) -> None:
         if name in self.copies:
@@ -314,6 +318,8 @@ class SavedModule(nn.Module):
         return _getattr_or_fallback(self, name, "original")
 
     def forward(self, *args, **kwargs):
+        if self.routes is not None:
+            return self.routes.saved_forward(self, *args, **kwargs)
         return self.current()(*args, **kwargs)
 
 
