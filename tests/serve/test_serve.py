@@ -12,45 +12,18 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
 
-import lorakit
-from tiny_models import randomise_trainable_
-from train_fixtures import tiny_assets
+from serve_reference import expected_chat, expected_completion
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-ADAPTERS = {"a": 1, "b": 2, "c": 3}  # name -> seed; a and b at start-up, c loaded at run time
 PROMPTS = ["What does shlex.quote do?", "Name a prime number.", "Say hello.", "Count to three."]
-
-
-def _reference_model(model_dir: Path):
-    from lorakit.models.default import load_causal_lm
-
-    return load_causal_lm(model_dir)
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """(tiny model dir, {adapter name: dir}, reference model with every adapter loaded, tokenizer)."""
-    model_dir, _ = tiny_assets(tmp_path_factory, "serve")
-    root = model_dir.parent
-    dirs = {}
-    for name, seed in ADAPTERS.items():
-        model, _ = _reference_model(model_dir)
-        lorakit.inject_adapters(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"), name=name)
-        randomise_trainable_(model, seed=seed, std=0.3)  # large enough that every adapter answers differently
-        dirs[name] = lorakit.save_adapter(model, root / f"adapter-{name}")
-    reference, tokenizer = _reference_model(model_dir)
-    for name, directory in dirs.items():
-        lorakit.load_adapter(reference, directory, name=name)
-    return model_dir, dirs, reference, tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -89,33 +62,6 @@ def client(server):
     return openai.OpenAI(base_url=server, api_key="unused", max_retries=0, timeout=120)
 
 
-def expected_chat(assets, adapter: str | None, question: str, max_tokens: int) -> str:
-    _, _, model, tokenizer = assets
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                         tokenize=False)
-    return _greedy(model, tokenizer, adapter, tokenizer(text, add_special_tokens=False).input_ids, max_tokens)
-
-
-def expected_completion(assets, adapter: str | None, prompt: str, max_tokens: int) -> str:
-    _, _, model, tokenizer = assets
-    return _greedy(model, tokenizer, adapter, tokenizer(prompt).input_ids, max_tokens)
-
-
-def _greedy(model, tokenizer, adapter, ids: list[int], max_tokens: int) -> str:
-    ids = torch.tensor([ids])
-    with torch.no_grad():
-        if adapter is None:
-            with lorakit.disable_adapters(model):
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                     do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                                     pad_token_id=tokenizer.eos_token_id)
-        else:
-            lorakit.set_active(model, adapter)
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-
 def chat(client, model: str, question: str, max_tokens: int = 12, **kw) -> str:
     reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
                                            max_tokens=max_tokens, temperature=0, **kw)
@@ -129,6 +75,7 @@ def test_models_lists_the_base_and_every_adapter(client):
 
 
 def test_chat_completion_equals_generate_with_that_adapter(client, assets):
+
     reply = client.chat.completions.create(model="a", messages=[{"role": "user", "content": PROMPTS[0]}],
                                            max_tokens=12, temperature=0)
     assert reply.object == "chat.completion" and reply.model == "a"
@@ -166,7 +113,7 @@ def test_streaming_gives_the_same_text_in_chunks(client):
 
 def test_concurrent_requests_for_different_adapters_equal_each_alone(client, assets):
     jobs = [(model, question, 6 + 3 * i) for i, (model, question) in
-            enumerate((m, q) for q in PROMPTS[:3] for m in ("a", "b", "tiny"))]  # rows of different lengths
+            enumerate((m, q) for q in PROMPTS[:2] for m in ("a", "b", "tiny"))]  # rows of different lengths
     with ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(pool.map(lambda job: chat(client, job[0], job[1], job[2]), jobs))
     for (model, question, n), answer in zip(jobs, answers):
