@@ -15,6 +15,7 @@ from lorakit.adapters.inject import (
     set_active,
 )
 from lorakit.adapters.layers import LoraLayer, SavedModule
+from lorakit.adapters.mixed import mixed_adapters
 from lorakit.kernels import fuse_for_training_, unfuse_
 from lorakit.tasks.losses import causal_lm_loss, chunked_cross_entropy
 from lorakit.training.memory import PeakMemory, current_rss_bytes, peak_rss_bytes, reset_peak_rss
@@ -62,7 +63,7 @@ __all__ = [
     "FP4Weight", "Int4Weight", "IntNConfig", "IntNWeight", "MemoryReport", "NF4Config", "NF4Weight", "QuantizationReport", "QuantizedLinear",
     "dequantize_", "dequantize_and_merge_", "load_quantized", "memory_report", "quantize_",
     "LoraConfig", "LoraLayer", "ParameterReport", "SavedModule", "active_adapter", "adapter_names",
-    "delete_adapter", "disable_adapters", "inject_adapters", "load_adapter", "merge_", "parameter_report",
+    "delete_adapter", "disable_adapters", "inject_adapters", "load_adapter", "merge_", "mixed_adapters", "parameter_report",
     "save_adapter", "set_active", "unmerge_", "load_gguf", "export_gguf", "export_gguf_adapter",
     "export_onnx", "check_onnx", "quantize_int8",
 ]

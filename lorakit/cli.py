@@ -375,6 +375,28 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lorakit.models.default import DEFAULT_MODEL
+    from lorakit.serve.app import serve
+    from lorakit.serve.engine import Engine
+
+    adapters = {}
+    for item in args.adapter or []:
+        name, sep, directory = item.partition("=")
+        if not sep or not name or not directory:
+            raise ValueError(f"--adapter {item!r}: write it as NAME=DIR, e.g. --adapter sql=runs/sql/adapter")
+        if name in adapters:
+            raise ValueError(f"--adapter {name}=... is given twice; each model name once")
+        adapters[name] = directory
+    model, tokenizer = load_base(args.base)
+    base_name = args.name or (DEFAULT_MODEL if args.base is None else Path(args.base).expanduser().resolve().stem)
+    engine = Engine(model, tokenizer, base_name, max_batch=args.max_batch)
+    for name, directory in adapters.items():
+        engine.load_adapter(name, directory).result()
+    serve(engine, args.host, args.port, args.max_tokens)
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from lorakit.report.plot import plot_runs
 
@@ -465,6 +487,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ui", help="the whole workflow in a local web page (needs gradio: pip install 'lorakit[ui]')")
     p.add_argument("--port", type=int, default=7860, help="serve on http://127.0.0.1:PORT (default 7860; local only)")
     p.set_defaults(func=cmd_ui)
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over a base model and its adapters, each "
+                                     "adapter a model name (needs fastapi and uvicorn: pip install 'lorakit[serve]')")
+    p.add_argument("--base", help="FILE.gguf or Hugging Face directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                   help="serve adapter directory DIR as model NAME (repeatable; more at run time: "
+                        "POST /v1/load_lora_adapter)")
+    p.add_argument("--name", help="the base's model name (default: the model's or file's name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on, only this one (default 127.0.0.1: "
+                                                       "this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default 16)")
+    p.add_argument("--max-tokens", type=int, default=256,
+                   help="a chat request's max_tokens when it gives none (default 256)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

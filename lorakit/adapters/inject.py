@@ -22,6 +22,7 @@ from torch import nn
 
 from lorakit.adapters.config import LoraConfig
 from lorakit.adapters.layers import GROUPED_CONV, LoraLayer, SavedModule, lora_layers, saved_modules
+from lorakit.adapters.mixed import install_routing_hooks
 from lorakit.adapters.walk import find_targets, layer_kind, matches, replace_module
 
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -120,6 +121,7 @@ def attach_adapter(
             replace_module(model, module_name, wrapper)
     state.configs[name] = config
     set_active(model, name)
+    install_routing_hooks(model)  # model(..., adapter_names=[...]): one adapter per row
 
 
 def _inside_saved_module(model: nn.Module, module_name: str) -> bool:

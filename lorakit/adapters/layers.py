@@ -120,6 +120,7 @@ class LoraLayer(nn.Module):
         self.lora = nn.ModuleDict()
         self.active: str | None = None
         self.disabled = False
+        self.routes = None  # lorakit.adapters.mixed.Routes during a mixed-adapter forward: one adapter per row
 
     # -- shapes -------------------------------------------------------------------------------
     @property
@@ -312,6 +313,8 @@ class LoraLayer(nn.Module):
         return F.linear(sums, moved.to(sums.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.routes is not None:
+            return self.routes.layer_forward(self, x)
         out = self.base_forward(x)
         if self.active is None:
             return out
@@ -360,6 +363,7 @@ class SavedModule(nn.Module):
         self.copies = nn.ModuleDict()
         self.active: str | None = None
         self.disabled = False
+        self.routes = None  # lorakit.adapters.mixed.Routes during a mixed-adapter forward
 
     def add_adapter(self, name: str, start: nn.Module | None = None) -> None:
         """Give adapter `name` its trainable copy: a copy of the original, or `start` (e.g. a new classifier
@@ -382,6 +386,8 @@ class SavedModule(nn.Module):
         return _getattr_or_fallback(self, name, "original")
 
     def forward(self, *args, **kwargs):
+        if self.routes is not None:
+            return self.routes.saved_forward(self, *args, **kwargs)
         return self.current()(*args, **kwargs)
 
 
