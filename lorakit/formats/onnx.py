@@ -128,7 +128,7 @@ def export_onnx(
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     trace_shape = (max(2, shape[0]), *shape[1:]) if dynamic_batch else shape  # a size-1 dim would be specialized
     example = torch.randn(trace_shape, device=device)
-    with _eval_mode(model), torch.no_grad():
+    with _eval_mode(model), torch.no_grad(), _quiet_exporter():
         outputs = _flat_outputs(model(example), "the model")
         names = _output_names(output_names, outputs)
         dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
@@ -156,6 +156,24 @@ def export_onnx(
         parameters=sum(p.numel() for p in model.parameters()),
         op_counts=dict(Counter(node.op_type for node in proto.graph.node)),
     )
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter's own log lines (torchvision ops it skips) and torch's deprecation notices to itself held
+    back: a failure still raises."""
+    import logging
+    import warnings
+
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _check_exportable(model: nn.Module) -> None:
