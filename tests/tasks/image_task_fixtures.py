@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import lorakit
 from lorakit.data.fashion_mnist import FASHION_MNIST_ROOT
 from lorakit.report.progress import read_metrics
 
@@ -39,10 +40,17 @@ DETECT = ["task=object-detection", "data.image_size=64", "train.batch_size=6", "
           "train.warmup_steps=1", "adapter.r=4", "adapter.alpha=8"]
 
 
+def lorakit_env() -> dict[str, str]:
+    """The environment for a subprocess that imports the lorakit under test (this checkout's, not another one
+    installed in the environment)."""
+    root = str(Path(lorakit.__file__).resolve().parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+
+
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """`lorakit ARGS...` as a user runs it; stdout and stderr captured as text."""
     return subprocess.run([sys.executable, "-m", "lorakit", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ})
+                          timeout=timeout, env=lorakit_env())
 
 
 def train_ok(*args: str) -> None:
