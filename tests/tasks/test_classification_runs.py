@@ -95,10 +95,3 @@ def test_an_idx_file_pair_trains_with_a_held_out_fraction(tmp_path):
     assert s["data"] == {"classes": ["0", "1", "2"], "train_examples": 24, "valid_examples": 6}
     assert [m["step"] for m in read_metrics(run / "metrics.jsonl") if "valid_accuracy" in m] == [0, 2]
 
-
-def test_an_idx_file_without_its_labels_is_a_clear_error(tmp_path):
-    from image_task_fixtures import cli_error
-
-    data = write_idx(tmp_path / "tiny-images-idx3-ubyte.gz", np.zeros((4, 28, 28), np.uint8))
-    error = cli_error("train", "task=image-classification", f"data.train={data}", f"output_dir={tmp_path / 'run'}")
-    assert "tiny-labels-idx1-ubyte.gz" in error and "pair" in error
