@@ -54,7 +54,7 @@ def test_predict_lists_boxes_and_draws_them(run, scenes):
     images = sorted((scenes.parent / "images" / "val").iterdir())[:3]
     out = cli("predict", run, *images, "--conf", "0.001")  # a 4-step model is unsure: keep its faint boxes
     assert out.returncode == 0, out.stderr
-    found = {}  # image path -> its printed boxes: "  NAME SCORE  [x1, y1, x2, y2]"
+    found, current = {}, None  # image path -> its printed boxes: "  NAME SCORE  [x1, y1, x2, y2]"
     for line in out.stdout.splitlines():
         if line.startswith("  "):
             name_score, box = line.strip().rsplit("[", 1)

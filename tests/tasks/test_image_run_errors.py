@@ -5,7 +5,6 @@ train: error: ...` naming the value and the fix, file:line for a data file); and
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from safetensors import safe_open
 
 from image_task_fixtures import (CLASSIFY, cli_error, needs_fashion_mnist, needs_mobilenet, needs_pillow, needs_yolo,
