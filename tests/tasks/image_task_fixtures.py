@@ -67,6 +67,20 @@ def cli_error(*args: str) -> str:
     return lines[0]
 
 
+def main_error(capsys, *args: str) -> str:
+    """`cli_error` in this process: `lorakit.cli.main(ARGS)`, the function `python -m lorakit` runs (no
+    interpreter start-up, so a check costs milliseconds)."""
+    from lorakit.cli import main
+
+    capsys.readouterr()
+    status = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert status == 2, err[-3000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"lorakit {args[0]}: error: "), err[-3000:]
+    return lines[0]
+
+
 def losses(run: Path) -> list[float]:
     return [m["loss"] for m in read_metrics(run / "metrics.jsonl") if "loss" in m]
 
