@@ -24,6 +24,11 @@ def test_an_image_setting_with_a_causal_lm(capsys, tmp_path):
     assert "data.image_size applies to image tasks only" in error and "task=causal-lm" in error
 
 
+def test_a_half_precision_dtype_with_an_image_task(capsys, tmp_path):
+    error = main_error(capsys, "train", "task=object-detection", "model.dtype=bfloat16", f"output_dir={tmp_path}")
+    assert "model.dtype=bfloat16 does not apply to task=object-detection" in error and "float32" in error
+
+
 def test_an_unknown_classifier(capsys, tmp_path):
     error = main_error(capsys, "train", "task=image-classification", "model.path=resnet-50",
                         f"output_dir={tmp_path}")
