@@ -32,7 +32,11 @@ def load_vision_run(run_dir: str | Path):
     config = read_run_config(run_dir)
     if config.task not in IMAGE_TASKS:
         raise ValueError(f"{run_dir} is a task={config.task} run; this needs an image task run ({', '.join(IMAGE_TASKS)})")
-    model, task = _with_adapter(config, Path(run_dir) / "adapter")
+    adapter = Path(run_dir) / "adapter"
+    if not adapter.is_dir():
+        raise FileNotFoundError(f"{run_dir} has no adapter/ yet: the run has not finished (a run that stopped "
+                                f"continues with lorakit train --resume {run_dir})")
+    model, task = _with_adapter(config, adapter)
     return model, task, config
 
 

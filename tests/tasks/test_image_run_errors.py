@@ -103,6 +103,17 @@ def test_predict_options_of_the_other_task(capsys, tmp_path, task, flags, messag
     assert main_error(capsys, "predict", tmp_path, image, *flags).startswith(f"lorakit predict: error: {message}")
 
 
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_a_run_that_has_not_finished(capsys, tmp_path, command):
+    from lorakit.training.run_config import load_config, save_config
+
+    save_config(load_config(None, ["task=image-classification"]), tmp_path / "config.yaml")  # no adapter/ yet
+    image = tmp_path / "x.png"
+    image.write_bytes(b"")
+    error = main_error(capsys, command, tmp_path, *([image] if command == "predict" else []))
+    assert f"{tmp_path} has no adapter/ yet" in error and f"lorakit train --resume {tmp_path}" in error
+
+
 def test_predict_names_a_missing_image_before_loading_the_model(capsys, tmp_path):
     from lorakit.training.run_config import load_config, save_config
 
