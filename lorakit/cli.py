@@ -275,7 +275,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"--conf {args.conf}: a detection score threshold is in 0..1")
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:  # before the model loads
-        raise FileNotFoundError(f"{missing[0]}: no such image file" + (f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""))
+        more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"{missing[0]}: no such image file{more}")
     options = {k: v for k, v in (("top", args.top), ("conf", args.conf)) if v is not None}
     results = predict_files(args.run, args.images, args.out, **options)
     for path, found in zip(args.images, results):
