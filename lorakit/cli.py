@@ -270,12 +270,26 @@ def _is_image_run(run_dir: str) -> bool:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from lorakit.tasks.vision_runs import predict_files
+    from lorakit.training.run_config import read_run_config
 
-    if not _is_image_run(args.run):
+    task = read_run_config(args.run).task
+    if task == "causal-lm":
         raise ValueError(f"{args.run} is a language model run: use lorakit generate {args.run} --prompt TEXT")
-    options = {"top": args.top} if args.top else {}
-    if args.conf is not None:
-        options["conf"] = args.conf
+    detection = task == "object-detection"
+    given = {"--top": args.top, "--conf": args.conf, "--out": args.out}
+    wrong = [flag for flag, value in given.items() if value is not None and (flag == "--top") == detection]
+    if wrong:
+        raise ValueError(f"{wrong[0]} does not apply to this task={task} run; "
+                         + ("detection takes --conf and --out" if detection else "classification takes --top"))
+    if args.top is not None and args.top < 1:
+        raise ValueError(f"--top {args.top}: list at least 1 class")
+    if args.conf is not None and not 0 <= args.conf <= 1:
+        raise ValueError(f"--conf {args.conf}: a detection score threshold is in 0..1")
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:  # before the model loads
+        more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"{missing[0]}: no such image file{more}")
+    options = {k: v for k, v in (("top", args.top), ("conf", args.conf)) if v is not None}
     results = predict_files(args.run, args.images, args.out, **options)
     for path, found in zip(args.images, results):
         print(path)

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 SAMPLE_PHOTOS = ("dog.jpg", "person.jpg")
+DATASETS = (("fine", "fashion-mnist"), ("coarse", "fashion-mnist-coarse"))
+VALID_IMAGES = 500
 PHOTO_DIR = Path("/usr/share/darknet/data")
 
 
@@ -165,17 +167,17 @@ def detection_run(out: Path, steps: int, progress: bool) -> dict:
 def classification_swap(out: Path, steps: int, progress: bool) -> dict:
     import lorakit
     from lorakit.tasks.vision_runs import load_vision_adapter
-    from lorakit.training.run_config import read_run_config
 
     runs = {}
-    for name, data in (("fine", "fashion-mnist"), ("coarse", "fashion-mnist-coarse")):
-        runs[name] = _train(["task=image-classification", f"output_dir={out / f'classify-{name}'}", f"data.train={data}",
-                             "data.image_size=64", "data.max_examples=4000", "data.max_valid_examples=500",
+    for name, source in DATASETS:
+        runs[name] = _train(["task=image-classification", f"output_dir={out / f'classify-{name}'}",
+                             f"data.train={source}", "data.image_size=64", "data.max_examples=4000",
+                             f"data.max_valid_examples={VALID_IMAGES}",
                              f"train.steps={steps}", "train.batch_size=32", "train.lr=2e-3", "train.warmup_steps=5",
                              f"train.eval_every={steps}", f"train.save_every={steps}", "adapter.r=8"], progress).run_dir
-    model, fine = load_vision_adapter(runs["fine"] / "adapter", name="fine", config=read_run_config(runs["fine"]))
-    _, coarse = load_vision_adapter(runs["coarse"] / "adapter", name="coarse", model=model,
-                                    config=read_run_config(runs["coarse"]))
+    data = {name: [f"data.train={source}", f"data.max_valid_examples={VALID_IMAGES}"] for name, source in DATASETS}
+    model, fine = load_vision_adapter(runs["fine"] / "adapter", name="fine", overrides=data["fine"])
+    _, coarse = load_vision_adapter(runs["coarse"] / "adapter", name="coarse", model=model, overrides=data["coarse"])
     tasks = {"fine": fine, "coarse": coarse}
     valid = {name: task.examples()[1] for name, task in tasks.items()}  # each task's own validation images
     base_sha = _base_digest(model)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lorakit.tasks.image_data import ImageRow, shuffled_batches, subset_indices
+from lorakit.tasks.image_data import ImageRow, shuffled_batches, subset_indices, trained_classes
 
 DEFAULT_MODEL = "yolov3-tiny"
 EVAL_CONF, EVAL_IOU = 0.001, 0.6  # the usual mAP protocol: keep low-score boxes, NMS at 0.6
@@ -39,6 +39,7 @@ class ObjectDetection:
     def __init__(self, config) -> None:
         self.config = config
         self.datasets: dict[str, object] = {}
+        self.classes: tuple[str, ...] = ()  # set by `examples` (a new run) or `restore` (a trained adapter)
         self.input_size: tuple[int, int] | None = None  # (H, W) of the network input, set by `adapt`
 
     # --- model -----------------------------------------------------------------------------------
@@ -90,7 +91,7 @@ class ObjectDetection:
             raise ValueError(f"the validation set names classes {list(valid.classes)}, the training set "
                              f"{list(train.classes)}; they must be the same, in the same order")
         self.datasets = {"train": train, "valid": valid}
-        self.classes = tuple(train.classes)
+        self.classes = trained_classes(self.classes, train.classes, f"data.train={data.train}")
         train_rows = [ImageRow("train", int(i)) for i in subset_indices(len(train), data.max_examples, seed)]
         valid_rows = [ImageRow("valid", int(i)) for i in subset_indices(len(valid), data.max_valid_examples, seed + 1)]
         stats = {"classes": list(self.classes), "train_examples": len(train_rows), "valid_examples": len(valid_rows),

@@ -16,7 +16,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.tasks.image_data import ImageRow, hold_out, shuffled_batches, subset_indices
+from lorakit.tasks.image_data import ImageRow, hold_out, shuffled_batches, subset_indices, trained_classes
 
 DEFAULT_MODEL = "mobilenet-v2"
 BUILTIN = ("fashion-mnist", "fashion-mnist-coarse")
@@ -101,7 +101,7 @@ class ImageClassification:
             raise ValueError(f"data.valid has classes {list(valid.classes)} but data.train has {list(train.classes)}; "
                              f"both must name the same classes in the same order")
         self.datasets = {"train": train, "valid": valid}
-        self.classes = tuple(train.classes)
+        self.classes = trained_classes(self.classes, train.classes, f"data.train={source}")
         train_rows = [ImageRow("train", int(i)) for i in subset_indices(len(train), data.max_examples, seed)]
         valid_rows = ([] if valid is None else
                       [ImageRow("valid", int(i)) for i in subset_indices(len(valid), data.max_valid_examples, seed + 1)])

@@ -40,6 +40,16 @@ class Subset:
         return self.dataset[int(self.indices[i])]
 
 
+def trained_classes(trained: tuple[str, ...], found, source: str) -> tuple[str, ...]:
+    """The classes of the data at `source` (`found`), which must be those a loaded adapter was trained for
+    (`trained`; empty for a new run): its head's outputs are those classes, in that order."""
+    found = tuple(found)
+    if trained and found != tuple(trained):
+        raise ValueError(f"{source} has the classes {list(found)}, but the adapter was trained for {list(trained)}; "
+                         f"give data with those classes, in that order")
+    return found
+
+
 def hold_out(dataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
     """(train, valid): a seeded random `fraction` of `dataset` held out for validation (at least one item)."""
     order = np.random.default_rng(seed).permutation(len(dataset))

@@ -5,11 +5,19 @@
     results = predict_files(run_dir, paths, out_dir=...)     classes / boxes per image; detection pictures
 
 The adapter's lorakit.json records what it was trained for (task, classes, model, input size), so a
-model loads from the adapter directory alone: `load_vision_adapter(adapter_dir)`.
+model loads from the adapter directory alone: `load_vision_adapter(adapter_dir)`. Adapters for different
+class sets share one base (each carries its own head) and swap with `lorakit.set_active`:
+
+    model, fine = load_vision_adapter("fine/adapter", name="fine", overrides=["data.train=fashion-mnist"])
+    _, coarse = load_vision_adapter("coarse/adapter", name="coarse", model=model,
+                                    overrides=["data.train=fashion-mnist-coarse"])
+    _, valid, _ = coarse.examples()                  # the overrides name the data a task evaluates on
+    lorakit.set_active(model, "coarse"); coarse.evaluate(model, valid)
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from torch import nn
@@ -24,27 +32,32 @@ def load_vision_run(run_dir: str | Path):
     config = read_run_config(run_dir)
     if config.task not in IMAGE_TASKS:
         raise ValueError(f"{run_dir} is a task={config.task} run; this needs an image task run ({', '.join(IMAGE_TASKS)})")
-    model, task = _with_adapter(config, Path(run_dir) / "adapter")
+    adapter = Path(run_dir) / "adapter"
+    if not adapter.is_dir():
+        raise FileNotFoundError(f"{run_dir} has no adapter/ yet: the run has not finished (a run that stopped "
+                                f"continues with lorakit train --resume {run_dir})")
+    model, task = _with_adapter(config, adapter)
     return model, task, config
 
 
 def load_vision_adapter(adapter_dir: str | Path, name: str = "default", model: nn.Module | None = None,
-                        config=None):
+                        overrides: Sequence[str] = ()):
     """(model, task) from an image-task adapter directory alone (its lorakit.json names the task, classes,
-    model and input size); with `model`, the adapter is added to that base under `name` instead. `config`:
-    the run config whose data the task reads (default: one made from the adapter's metadata, default data)."""
+    model and input size); with `model`, the adapter is added to that base under `name` instead.
+    `overrides` are run-config `key=value` settings for the task, e.g. the data it evaluates on
+    (`data.valid=DIR`, `data.max_valid_examples=500`) for `task.examples()` and `task.evaluate`."""
     from lorakit.io import read_json
     from lorakit.training.run_config import load_config
 
     meta = read_json(Path(adapter_dir) / "lorakit.json", "lorakit metadata").get("task")
     if not meta or meta.get("task") not in IMAGE_TASKS:
         raise ValueError(f"{adapter_dir} was not trained by an image task (its lorakit.json has no image task)")
-    if config is None:
-        overrides = [f"task={meta['task']}", f"model.path={meta['model']}"]
-        if meta.get("image_size"):
-            overrides.append(f"data.image_size={meta['image_size']}")
-        config = load_config(None, overrides)
-    return _with_adapter(config, Path(adapter_dir), name, model)
+    trained = [f"task={meta['task']}", f"model.path={meta['model']}"]  # what the adapter was trained for wins
+    if meta.get("image_size"):
+        trained.append(f"data.image_size={meta['image_size']}")
+    config = load_config(None, [trained[0], *overrides, *trained])
+    model, task = _with_adapter(config, Path(adapter_dir), name, model)
+    return model, task
 
 
 def _with_adapter(config, adapter_dir: Path, name: str = "default", model: nn.Module | None = None):

@@ -175,6 +175,9 @@ class RunConfig:
                 what = f"data.{text_only[0]}" if text_only else f"method={self.method}"
                 raise ValueError(f"{what} does not apply to task={self.task}: image tasks train method=lora or dora "
                                  f"(a dense base); remove it" + ("" if text_only else ", or set method=lora"))
+            if self.model.dtype not in ("auto", "float32"):  # the image models compute in float32 only
+                raise ValueError(f"model.dtype={self.model.dtype} does not apply to task={self.task}: image tasks "
+                                 f"compute in float32; remove it")
         else:
             image_only = [k for k in ("image_size", "max_examples", "max_valid_examples") if getattr(d, k) is not None]
             if image_only or not d.augment:
