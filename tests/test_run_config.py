@@ -154,7 +154,7 @@ def test_unknown_key_in_override(override, message):
     ("adapter.bits=6", "adapter.bits=6 must be one of \\[2, 3, 4, 5, 8\\]"),
     ("adapter.bits=4.0", "adapter.bits=4.0 must be one of"),
     ("adapter.quant_method=awq", "adapter.quant_method='awq' must be one of \\['rtn', 'gptq'\\]"),
-    ("adapter.target_modules=[]", "adapter.target_modules=\\[\\] must be a regex, 'all-linear', or a non-empty list"),
+    ("adapter.target_modules=[q_proj, '']", "adapter.target_modules=\\['q_proj', ''\\] must be a regex, 'all-linear', 'all-conv', a list"),
     ("data.train=2024-13-45", "not valid YAML: month must be in 1..12"),
     ("adapter.target_modules=[q_proj, 3]", "adapter.target_modules=\\['q_proj', 3\\] must be"),
     ("output_dir=123", "output_dir=123 must be a non-empty string"),
@@ -293,7 +293,14 @@ VALID = {  # an independent statement of what each key accepts
     "train.log_every": st.integers(1, 10**9),
     "train.seed": st.integers(0, 2**63),
     "train.report_to": st.lists(st.sampled_from(["tensorboard", "wandb", "mlflow"]), max_size=3, unique=True),
+    "task": st.just("causal-lm"),  # an image task also changes the defaults of method and target_modules
+    "adapter.modules_to_save": st.none() | MODULES,
+    "data.image_size": st.none() | st.integers(16, 10**6),
+    "data.augment": st.booleans(),
+    "data.max_examples": st.none() | st.integers(1, 10**9),
+    "data.max_valid_examples": st.none() | st.integers(1, 10**9),
 }
+IMAGE_KEYS = {"data.image_size", "data.augment", "data.max_examples", "data.max_valid_examples"}  # set with task=image-classification
 
 
 def yaml_text(value):
@@ -318,16 +325,22 @@ def test_the_property_table_covers_every_key():
 def test_an_override_sets_exactly_its_field(data):
     key = data.draw(st.sampled_from(sorted(VALID)))
     value = data.draw(VALID[key])
-    config = load_config(None, [f"{key}={yaml_text(value)}"])
+    task = ["task=image-classification"] if key in IMAGE_KEYS else []
+    config = load_config(None, [*task, f"{key}={yaml_text(value)}"])
     assert get(config, key) == value and type(get(config, key)) is type(value)
-    assert config.to_dict() == with_value(RunConfig().to_dict(), key, value)
+    default = RunConfig(task="image-classification") if task else RunConfig()
+    assert config.to_dict() == with_value(default.to_dict(), key, value)
 
 
 @settings(max_examples=100, deadline=None)
 @given(data=st.data())
 def test_any_valid_config_saves_and_reads_back_equal(data):
-    keys = data.draw(st.lists(st.sampled_from(sorted(VALID)), max_size=8, unique=True))
-    config = load_config(None, [f"{key}={yaml_text(data.draw(VALID[key]))}" for key in keys])
+    image = data.draw(st.booleans())
+    allowed = (sorted(IMAGE_KEYS | {k for k in VALID if k.startswith("train.")}) if image  # what an image task takes
+               else sorted(set(VALID) - IMAGE_KEYS))
+    keys = data.draw(st.lists(st.sampled_from(allowed), max_size=8, unique=True))
+    config = load_config(None, ["task=image-classification"] * image
+                         + [f"{key}={yaml_text(data.draw(VALID[key]))}" for key in keys])
     with tempfile.TemporaryDirectory() as run_dir:
         save_config(config, Path(run_dir) / RUN_CONFIG_FILE)
         assert read_run_config(run_dir) == config

@@ -412,6 +412,9 @@ def _describe(hint: Any, bounds: Mapping[str, Any]) -> str:
 
 
 def _suggest(value: Any, hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):  # Literal[...] | None: suggest from the choices
+        choices = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _suggest(value, choices[0]) if len(choices) == 1 else ""
     if typing.get_origin(hint) is list and typing.get_origin(typing.get_args(hint)[0]) is Literal:
         choice = typing.get_args(hint)[0]
         if isinstance(value, str):
@@ -435,7 +438,9 @@ _KEYS += [f"{name}.{f.name}" for name, section in _SECTIONS.items() for f in dat
 _SYNONYMS = {"learning_rate": "lr", "max_steps": "steps", "num_train_epochs": "epochs", "rank": "r", "lora_r": "r",
              "lora_alpha": "alpha", "lora_dropout": "dropout", "per_device_train_batch_size": "batch_size",
              "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "schedule", "max_seq_length": "max_tokens",
-             "max_length": "max_tokens", "model_name_or_path": "path", "torch_dtype": "dtype", "output": "output_dir"}
+             "max_length": "max_tokens", "max_seq_len": "max_tokens", "cutoff_len": "max_tokens",
+             "model_name_or_path": "path", "torch_dtype": "dtype", "output": "output_dir", "imgsz": "image_size",
+             "img_size": "image_size", "lora_target": "target_modules"}
 
 
 def _check_keys(data: Any, cls: type, section: str) -> None:
