@@ -60,3 +60,17 @@ class Task(Protocol):
 def compute_dtype(model: nn.Module) -> torch.dtype:
     """The dtype the frozen base computes in (the first frozen floating-point parameter's; float32 if none)."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad), torch.float32)
+
+
+def before_after(before: dict | None, after: dict | None, *keys: str) -> dict:
+    """summary.json entries `{key}_before` and `{key}_after` for each validation metric (None without validation)."""
+    out = {}
+    for key in keys:
+        out[f"{key}_before"] = before[key] if before else None
+        out[f"{key}_after"] = after[key] if after else None
+    return out
+
+
+def change(before: dict | None, after: dict | None, key: str, label: str, digits: int = 4) -> str:
+    """", {label} {before} -> {after}" for the last progress line, or "" without validation."""
+    return f", {label} {before[key]:.{digits}f} -> {after[key]:.{digits}f}" if before and after else ""

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.tasks.base import compute_dtype
+from lorakit.tasks.base import before_after, change, compute_dtype
 
 IGNORE = -100
 
@@ -68,14 +68,11 @@ class CausalLM:
         return {"valid_loss": loss, "valid_ppl": math.exp(loss)}
 
     def summary(self, before: dict | None, after: dict | None, per_s: float) -> dict:
-        return {"valid_loss": after["valid_loss"] if after else None,
-                "valid_ppl_before": before["valid_ppl"] if before else None,
-                "valid_ppl_after": after["valid_ppl"] if after else None,
+        return {"valid_loss": after["valid_loss"] if after else None, **before_after(before, after, "valid_ppl"),
                 "useful_tokens_per_s": per_s}
 
     def describe(self, before: dict | None, after: dict | None, per_s: float) -> str:
-        ppl = f", valid ppl {before['valid_ppl']:.3f} -> {after['valid_ppl']:.3f}" if before and after else ""
-        return f"{ppl}, {per_s:.0f} useful tokens/s"
+        return f"{change(before, after, 'valid_ppl', 'valid ppl', 3)}, {per_s:.0f} useful tokens/s"
 
 
 # --- model --------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lorakit.tasks.base import before_after, change
 from lorakit.tasks.image_data import ImageRow, shuffled_batches, subset_indices, trained_classes
 
 DEFAULT_MODEL = "yolov3-tiny"
@@ -172,16 +173,10 @@ class ObjectDetection:
     # --- results ---------------------------------------------------------------------------------
     def summary(self, before: dict | None, after: dict | None, per_s: float) -> dict:
         return {"valid_loss": after["valid_loss"] if after else None,
-                "valid_map50_before": before["valid_map50"] if before else None,
-                "valid_map50_after": after["valid_map50"] if after else None,
-                "valid_map_before": before["valid_map"] if before else None,
-                "valid_map_after": after["valid_map"] if after else None,
-                "images_per_s": per_s}
+                **before_after(before, after, "valid_map50", "valid_map"), "images_per_s": per_s}
 
     def describe(self, before: dict | None, after: dict | None, per_s: float) -> str:
-        got = (f", valid mAP@0.5 {before['valid_map50']:.4f} -> {after['valid_map50']:.4f}"
-               if before and after else "")
-        return f"{got}, {per_s:.1f} img/s"
+        return f"{change(before, after, 'valid_map50', 'valid mAP@0.5')}, {per_s:.1f} img/s"
 
     @torch.no_grad()
     def predict(self, model, images: list[np.ndarray], conf: float = 0.25, iou: float = 0.45) -> list[list[tuple]]:

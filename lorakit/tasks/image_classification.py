@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.tasks.base import before_after, change
 from lorakit.tasks.image_data import ImageRow, hold_out, shuffled_batches, subset_indices, trained_classes
 
 DEFAULT_MODEL = "mobilenet-v2"
@@ -160,14 +161,10 @@ class ImageClassification:
     # --- results ---------------------------------------------------------------------------------
     def summary(self, before: dict | None, after: dict | None, per_s: float) -> dict:
         return {"valid_loss": after["valid_loss"] if after else None,
-                "valid_accuracy_before": before["valid_accuracy"] if before else None,
-                "valid_accuracy_after": after["valid_accuracy"] if after else None,
-                "images_per_s": per_s}
+                **before_after(before, after, "valid_accuracy"), "images_per_s": per_s}
 
     def describe(self, before: dict | None, after: dict | None, per_s: float) -> str:
-        acc = (f", valid accuracy {before['valid_accuracy']:.4f} -> {after['valid_accuracy']:.4f}"
-               if before and after else "")
-        return f"{acc}, {per_s:.1f} img/s"
+        return f"{change(before, after, 'valid_accuracy', 'valid accuracy')}, {per_s:.1f} img/s"
 
     @torch.no_grad()
     def predict(self, model, images: list[np.ndarray], top: int = 5) -> list[list[tuple[str, float]]]:
