@@ -14,7 +14,8 @@ Two tasks, each run through `lorakit train` in a subprocess (the loop users run)
 
 Within a task every method sees the same images in the same order with the same augmentation (seed 0),
 the same steps, batch, warmup (5% of steps) and cosine decay; only the AdamW lr differs per method
-(--lr-head, --lr-lora, --lr-full; defaults chosen by a short lr sweep, see the README's Vision section).
+(--cls-lr / --det-lr head=.. lora=.. full=..; the defaults won a 50-step sweep over about 3x steps, see
+the README's Vision section; a longer budget may want lower ones).
 Reported per run: the task metric before and after, trainable parameters, the adapter directory's size on
 disk (for `full` it holds the whole backbone: that is the checkpoint a user ships), summed optimizer-step
 time (evaluation and loading excluded), images/s over those steps, the process's peak memory
@@ -43,6 +44,8 @@ from lorakit.io import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("head", "lora-r4", "lora-r8", "lora-r16", "full")
+DEFAULT_LR = {"classification": {"head": 1e-2, "lora": 2e-3, "full": 3e-4},  # AdamW; one lr for every LoRA r
+              "detection": {"head": 1e-2, "lora": 6e-3, "full": 1e-3}}
 
 
 def backbone(task: str) -> list[str]:
@@ -60,13 +63,25 @@ def backbone(task: str) -> list[str]:
 
 def method_overrides(method: str, task: str, args) -> list[str]:
     """The adapter and lr settings that make `method` on `task`."""
+    lrs = {**DEFAULT_LR[task], **parse_lrs(args.cls_lr if task == "classification" else args.det_lr)}
     if method == "head":
-        return ["adapter.target_modules=[]", f"train.lr={args.lr_head}"]
+        return ["adapter.target_modules=[]", f"train.lr={lrs['head']}"]
     if method == "full":
         return ["adapter.target_modules=[]", f"adapter.modules_to_save=[{','.join(backbone(task))}]",
-                f"train.lr={args.lr_full}"]
+                f"train.lr={lrs['full']}"]
     r = int(method.removeprefix("lora-r"))
-    return [f"adapter.r={r}", f"adapter.alpha={2 * r}", f"train.lr={args.lr_lora}"]
+    return [f"adapter.r={r}", f"adapter.alpha={2 * r}", f"train.lr={lrs['lora']}"]
+
+
+def parse_lrs(items: list[str]) -> dict[str, float]:
+    """["head=1e-2", "lora=2e-3"] -> {"head": 0.01, "lora": 0.002}."""
+    lrs = {}
+    for item in items:
+        kind, _, value = item.partition("=")
+        if kind not in ("head", "lora", "full") or not value:
+            raise SystemExit(f"lr {item!r}: write head=LR, lora=LR or full=LR")
+        lrs[kind] = float(value)
+    return lrs
 
 
 def task_overrides(task: str, args, scenes: Path | None) -> list[str]:
@@ -130,11 +145,11 @@ def main() -> None:
     p.add_argument("--cls-batch", type=int, default=32)
     p.add_argument("--det-train", type=int, default=2000, help="training scenes to generate")
     p.add_argument("--det-valid", type=int, default=300, help="val scenes to generate and evaluate on")
-    p.add_argument("--det-steps", type=int, default=150)
+    p.add_argument("--det-steps", type=int, default=125)
     p.add_argument("--det-batch", type=int, default=16)
-    p.add_argument("--lr-head", type=float, default=3e-3)
-    p.add_argument("--lr-lora", type=float, default=2e-3)
-    p.add_argument("--lr-full", type=float, default=3e-4)
+    p.add_argument("--cls-lr", nargs="+", default=[], metavar="KIND=LR", help=f"e.g. head=1e-2 lora=2e-3 full=3e-4 "
+                   f"(default {DEFAULT_LR['classification']})")
+    p.add_argument("--det-lr", nargs="+", default=[], metavar="KIND=LR", help=f"default {DEFAULT_LR['detection']}")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
     p.add_argument("--smoke", action="store_true", help="1 step per run on a few images: checks the plumbing only")
     p.add_argument("--work", help="run directories go here (default: a new temporary directory)")
