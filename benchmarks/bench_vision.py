@@ -21,7 +21,7 @@ disk (for `full` it holds the whole backbone: that is the checkpoint a user ship
 time (evaluation and loading excluded), images/s over those steps, the process's peak memory
 (`peak_memory_bytes` in metrics.jsonl: peak RSS on CPU, CUDA peak on a GPU), and the run's wall time.
 
-    python benchmarks/bench_vision.py                       # ~30 min on a busy 2-core CPU
+    python benchmarks/bench_vision.py                       # 13 min on 2 shared cores at load 4; ~2x when busier
     python benchmarks/bench_vision.py --cls-steps 600 --det-steps 800 --cls-train 20000   # bigger budgets
     python benchmarks/bench_vision.py --smoke               # 1 step each, tiny sets: checks the plumbing
 
@@ -129,7 +129,7 @@ def table(task: str, rows: dict[str, dict]) -> str:
     for method, r in rows.items():
         scores = " | ".join(f"{r[k + '_after']:.3f}" for k in keys)
         lines.append(f"| {method} | {r['lr']:g} | {scores} | {r['trainable_parameters']:,} | "
-                     f"{r['adapter_bytes'] / 2**20:.2f} MiB | {r['train_seconds']:.0f} | {r['images_per_s']:.1f} | "
+                     f"{r['adapter_bytes'] / 2**20:.2f} MiB | {r['train_seconds']:.1f} | {r['images_per_s']:.1f} | "
                      f"{r['peak_memory_bytes'] / 2**20:.0f} MiB | {r['wall_seconds']:.0f} |")
     return "\n".join(lines)
 
