@@ -14,8 +14,8 @@ Two tasks, each run through `lorakit train` in a subprocess (the loop users run)
 
 Within a task every method sees the same images in the same order with the same augmentation (seed 0),
 the same steps, batch, warmup (5% of steps) and cosine decay; only the AdamW lr differs per method
-(--cls-lr / --det-lr head=.. lora=.. full=..; the defaults won a 50-step sweep over about 3x steps, see
-the README's Vision section; a longer budget may want lower ones).
+(--cls-lr / --det-lr head=.. lora=.. full=..). The defaults are the best of a 50-step sweep over three lrs
+per method (benchmarks/results/vision_lr_sweep.json); a longer budget may want lower ones.
 Reported per run: the task metric before and after, trainable parameters, the adapter directory's size on
 disk (for `full` it holds the whole backbone: that is the checkpoint a user ships), summed optimizer-step
 time (evaluation and loading excluded), images/s over those steps, the process's peak memory
