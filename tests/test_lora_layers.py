@@ -406,3 +406,19 @@ def test_grouped_convs_are_refused_naming_them_and_leaving_the_model_unchanged()
     with pytest.raises(ValueError, match=r"grouped convs \['1'\].*modules_to_save"):
         lorakit.inject_adapters(model, lorakit.LoraConfig(r=2, target_modules=["0", "1"]))
     assert [type(m) for m in model] == [nn.Conv2d, nn.Conv2d]
+
+
+def test_modules_to_save_refuses_containers_and_nesting_leaving_the_model_unchanged():
+    class Stack(nn.Module):  # like Darknet: a ModuleList iterated by the parent's forward
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()), nn.Conv2d(4, 2, 1)])
+
+    model = Stack()
+    with pytest.raises(ValueError, match=r"\['layers'\], a container with no forward"):
+        lorakit.inject_adapters(model, lorakit.LoraConfig(target_modules=[], modules_to_save=["layers"]))
+    with pytest.raises(ValueError, match=r"'layers\.0\.0' inside 'layers\.0'"):
+        lorakit.inject_adapters(model, lorakit.LoraConfig(target_modules=[], modules_to_save=["layers.0", "layers.0.0"]))
+    assert [type(m) for m in model.layers] == [nn.Sequential, nn.Conv2d]
+    lorakit.inject_adapters(model, lorakit.LoraConfig(target_modules=[], modules_to_save=["layers.0", "layers.1"]))
+    assert [type(m) for m in model.layers] == [lorakit.SavedModule, lorakit.SavedModule]

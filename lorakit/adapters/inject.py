@@ -136,6 +136,15 @@ def _saved_names(model: nn.Module, saved: list[str]) -> list[str]:
     missing = [s for s in saved if not any(matches(n, [s]) for n in names)]
     if missing:
         raise ValueError(f"modules_to_save={missing} matched no module in the model; check the names with model.named_modules()")
+    containers = [n for n in names if type(model.get_submodule(n)).forward is nn.Module.forward]
+    if containers:  # a ModuleList / ModuleDict is never called, so a copy of it could not replace it
+        raise ValueError(f"modules_to_save names {containers}, a container with no forward of its own (e.g. a "
+                         f"ModuleList); list the modules inside it instead (model.named_children())")
+    nested = [(outer, n) for n in names for outer in names if n.startswith(outer + ".")]
+    if nested:  # the outer copy would be the one called, leaving the inner module's copy unused
+        outer, inner = nested[0]
+        raise ValueError(f"modules_to_save matches {inner!r} inside {outer!r}; a module trained in full cannot hold "
+                         f"another (for a task's new head, list the modules beside it, not the one around it)")
     return names
 
 
