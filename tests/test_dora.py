@@ -337,7 +337,7 @@ def test_cli_dora_and_qdora_runs_merge_and_export(assets, tmp_path, method):
     adapter export is refused by name."""
     import transformers
 
-    from lorakit.training.loop import load_trained
+    from lorakit.tasks.causal_lm import load_trained
     from train_fixtures import tiny_run_overrides
 
     model_dir, data = assets
