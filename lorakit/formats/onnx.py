@@ -432,7 +432,7 @@ def quantize_int8(
     reduce_range: bool = True,
     method: str = "minmax",
     preprocess: bool = True,
-    float_outputs: bool = True,
+    float_outputs: bool = False,
 ) -> Int8Report:
     """Statically quantize the float ONNX model at `path` to INT8 (QDQ) at `out_path`, atomically.
 
@@ -443,10 +443,9 @@ def quantize_int8(
 advice for any graph, though on `export_onnx`'s already optimized graphs it changes nothing measurable).
     `method`: "minmax", "entropy" or "percentile" (`onnxruntime.quantization.CalibrationMethod`).
     `activation_type` "uint8" or "int8" and `reduce_range` (7-bit weights): see the module docstring.
-    `float_outputs`: the nodes that produce the model's outputs stay in float. A detector's head maps are
-    raw logits over a wide range, where 8 bits lose the boxes (YOLOv3-tiny fine-tuned on Fashion-MNIST
-    scenes, all nodes in INT8: mAP@0.5 0.085 -> 0.000); a classifier keeps its last layer exact for the price
-    of one small float matmul.
+    `float_outputs`: keep the nodes that produce the model's outputs (a classifier's last matmul) in float,
+    for their exact values at the price of one float op. Off by default: on YOLOv3-tiny fine-tuned on
+    Fashion-MNIST scenes the INT8 model's mAP@0.5 is 0.085 with every node quantized, as in float (0.085).
     """
     _require("onnx")
     quantization = _require("onnxruntime.quantization")

@@ -258,7 +258,10 @@ def test_int8_keeps_accuracy(fine_tuned, exported, tmp_path, monkeypatch):
     report = quantize_int8(exported.path, tmp_path / "model.int8.onnx", calibration)
     assert [p.name for p in tmp_path.iterdir()] == ["model.int8.onnx"]  # no temporary or side file left
     assert report.calibration_batches == 8 and report.activation_type == "uint8"
-    assert report.quantized_ops == {"Conv": 3, "ReduceMean": 1} and report.float_ops == {"Gemm": 1}  # the output layer
+    assert report.quantized_ops == {"Conv": 3, "Gemm": 1, "ReduceMean": 1} and report.float_ops == {}
+    kept = quantize_int8(exported.path, tmp_path / "kept.int8.onnx", calibration, float_outputs=True)
+    assert kept.float_ops == {"Gemm": 1} and kept.quantized_ops == {"Conv": 3, "ReduceMean": 1}  # the output layer
+    (tmp_path / "kept.int8.onnx").unlink()
     images, labels = stripes(2048, seed=4)
     with torch.no_grad():
         fp32 = accuracy(fine_tuned.model(images), labels)
@@ -284,8 +287,7 @@ class WideConvNet(nn.Module):
 def test_int8_is_four_times_smaller(tmp_path):
     torch.manual_seed(0)
     path = export_onnx(WideConvNet().eval(), tmp_path / "wide.onnx", (1, 3, 8, 8)).path
-    report = quantize_int8(path, tmp_path / "wide.int8.onnx", [torch.randn(4, 3, 8, 8) for _ in range(2)],
-                           float_outputs=False)
+    report = quantize_int8(path, tmp_path / "wide.int8.onnx", [torch.randn(4, 3, 8, 8) for _ in range(2)])
     assert report.weight_ratio > 3.8, report  # int8 weights; a scale, a zero point and an int32 bias per channel
     assert report.ratio > 3.6, report         # the file: weights plus graph
     assert report.quantized_ops["Conv"] == 3 and report.quantized_ops["Gemm"] == 1
