@@ -78,17 +78,16 @@ def export_run_onnx(run_dir: str | Path, out: str | Path, *, int8: bool = False,
     train, valid, _ = task.examples()
     before = task.evaluate(model, valid) if score and valid else None
     lorakit.merge_(model)  # exact: the dense ΔW folded into each conv; the head copy becomes the model's head
-    merged = model
     size = getattr(task, "input_size", None) or (task.preprocess.size,) * 2
     out = Path(out)
-    onnx_format.export_onnx(merged, out, (1, 3, *size))
-    probe = task.collate(valid[:4] or train[:4], compute_dtype(merged), None)["images"]
-    diff = onnx_format.check_onnx(out, merged, probe)
-    timing = onnx_format.latency(out, (1, 3, *size), model=merged, threads=threads)
+    onnx_format.export_onnx(model, out, (1, 3, *size))
+    probe = task.collate(valid[:4] or train[:4], compute_dtype(model), None)["images"]
+    diff = onnx_format.check_onnx(out, model, probe)
+    timing = onnx_format.latency(out, (1, 3, *size), model=model, threads=threads)
     report = EdgeReport(out, diff, timing.torch_ms, timing.onnx_ms, out.stat().st_size)
     if before is not None:
         report.metrics["pytorch"] = before
-        report.metrics["onnx"] = task.evaluate(OnnxRuntimeModel(out, merged, threads), valid)
+        report.metrics["onnx"] = task.evaluate(OnnxRuntimeModel(out, model, threads), valid)
     if int8:
         rows = train[:calibration_images]
         batches = [task.collate(rows[i:i + 16], torch.float32, None)["images"] for i in range(0, len(rows), 16)]
@@ -97,6 +96,6 @@ def export_run_onnx(run_dir: str | Path, out: str | Path, *, int8: bool = False,
         report.int8_path, report.int8_bytes = int8_path, int8_path.stat().st_size
         report.int8_ms = onnx_format.latency(int8_path, (1, 3, *size), threads=threads).onnx_ms
         if before is not None:
-            report.metrics["int8"] = task.evaluate(OnnxRuntimeModel(int8_path, merged, threads), valid)
+            report.metrics["int8"] = task.evaluate(OnnxRuntimeModel(int8_path, model, threads), valid)
     return report
 

@@ -65,7 +65,8 @@ class ImageClassification:
         return self.config.model.path or DEFAULT_MODEL
 
     def restore(self, model: nn.Module, meta: dict) -> None:
-        """Set the classes (and input) of a trained adapter from its lorakit.json `task` entry."""
+        """Set the classes of a trained adapter from its lorakit.json `task` entry (the input size comes from
+        `data.image_size`, which the loader sets from the same entry)."""
         self.classes = tuple(meta["classes"])
 
     def adapt(self, model: nn.Module, lora_config) -> list[str]:
@@ -83,7 +84,7 @@ class ImageClassification:
 
     def adapter_metadata(self) -> dict:
         return {"task": "image-classification", "classes": list(self.classes),
-                "model": self.config.model.path or DEFAULT_MODEL, "image_size": self.preprocess.size}
+                "model": self.model_name, "image_size": self.preprocess.size}
 
     # --- data ------------------------------------------------------------------------------------
     def examples(self):
@@ -115,13 +116,13 @@ class ImageClassification:
     def collate(self, rows, dtype: torch.dtype, device: torch.device | None) -> dict:
         from lorakit.data.image_transforms import augment, preprocess
 
-        images, labels = [], []
+        spec, images, labels = self.preprocess, [], []  # the recipe once per batch, not once per image
         for row in rows:
             image, label = self.datasets[row.split][row.index]
             if row.epoch is not None and self.config.data.augment:
-                x = augment(image, self.preprocess, self.config.train.seed, row.epoch, row.index)
+                x = augment(image, spec, self.config.train.seed, row.epoch, row.index)
             else:
-                x = preprocess(image, self.preprocess)
+                x = preprocess(image, spec)
             images.append(x)
             labels.append(label)
         batch = {"images": torch.stack(images).to(dtype), "labels": torch.tensor(labels, dtype=torch.long)}
@@ -172,7 +173,8 @@ class ImageClassification:
         from lorakit.data.image_transforms import preprocess
         from lorakit.tasks.base import compute_dtype
 
-        x = torch.stack([preprocess(image, self.preprocess) for image in images]).to(compute_dtype(model))
+        spec = self.preprocess
+        x = torch.stack([preprocess(image, spec) for image in images]).to(compute_dtype(model))
         probs = model(x).float().softmax(-1)  # (N, C)
         p, i = probs.topk(min(top, probs.shape[-1]), dim=-1)
         return [[(self.classes[c], float(q)) for q, c in zip(pp.tolist(), ii.tolist())] for pp, ii in zip(p, i)]

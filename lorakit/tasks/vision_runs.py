@@ -36,7 +36,7 @@ def load_vision_run(run_dir: str | Path):
     if not adapter.is_dir():
         raise FileNotFoundError(f"{run_dir} has no adapter/ yet: the run has not finished (a run that stopped "
                                 f"continues with lorakit train --resume {run_dir})")
-    model, task = _with_adapter(config, adapter)
+    model, task = _with_adapter(config, adapter, _task_metadata(adapter))
     return model, task, config
 
 
@@ -46,30 +46,33 @@ def load_vision_adapter(adapter_dir: str | Path, name: str = "default", model: n
     model and input size); with `model`, the adapter is added to that base under `name` instead.
     `overrides` are run-config `key=value` settings for the task, e.g. the data it evaluates on
     (`data.valid=DIR`, `data.max_valid_examples=500`) for `task.examples()` and `task.evaluate`."""
-    from lorakit.io import read_json
     from lorakit.training.run_config import load_config
 
-    meta = read_json(Path(adapter_dir) / "lorakit.json", "lorakit metadata").get("task")
+    meta = _task_metadata(Path(adapter_dir))
     if not meta or meta.get("task") not in IMAGE_TASKS:
         raise ValueError(f"{adapter_dir} was not trained by an image task (its lorakit.json has no image task)")
     trained = [f"task={meta['task']}", f"model.path={meta['model']}"]  # what the adapter was trained for wins
     if meta.get("image_size"):
         trained.append(f"data.image_size={meta['image_size']}")
     config = load_config(None, [trained[0], *overrides, *trained])
-    model, task = _with_adapter(config, Path(adapter_dir), name, model)
-    return model, task
+    return _with_adapter(config, Path(adapter_dir), meta, name, model)
 
 
-def _with_adapter(config, adapter_dir: Path, name: str = "default", model: nn.Module | None = None):
-    import lorakit
+def _task_metadata(adapter_dir: Path) -> dict | None:
+    """The `task` entry of an adapter's lorakit.json: what it was trained for (task, classes, model, size)."""
     from lorakit.io import read_json
+
+    return read_json(adapter_dir / "lorakit.json", "lorakit metadata").get("task")
+
+
+def _with_adapter(config, adapter_dir: Path, meta: dict | None, name: str = "default", model: nn.Module | None = None):
+    import lorakit
     from lorakit.tasks import make_task
 
     task = make_task(config)
     base = model if model is not None else task.load_model()
     lorakit.load_adapter(base, adapter_dir, name=name)
-    meta = read_json(adapter_dir / "lorakit.json", "lorakit metadata").get("task") or {}
-    task.restore(base, meta)
+    task.restore(base, meta or {})
     return base.eval(), task
 
 
