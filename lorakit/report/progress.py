@@ -46,7 +46,8 @@ def _hms(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _memory(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """A byte count for people: "812 MiB", "1.52 GiB"."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
@@ -76,7 +77,7 @@ class ProgressBar:
         numbers = [f"loss {loss:.4f}"] + ([f"lr {lr:.2e}"] if lr is not None else [])
         numbers.append(f"{per_s:,.0f} {self.speed_label}")
         if peak_memory_bytes is not None:
-            numbers.append(f"peak {_memory(peak_memory_bytes)}")
+            numbers.append(f"peak {format_bytes(peak_memory_bytes)}")
         if self._tqdm_type is not None:
             self._draw(step, " | ".join(numbers))
             return

@@ -10,7 +10,8 @@ A run reads a `RunConfig` (`lorakit.training.run_config`) and writes, under ``ou
     adapter/            the final adapter, PEFT format (adapter_config.json, adapter_model.safetensors)
     loss_curve.png      train loss (raw and smoothed), validation loss and lr (`lorakit.report.plot`; needs matplotlib)
     tensorboard/ wandb/ mlruns/   what the trackers of `train.report_to` write (`lorakit.report.trackers`)
-    summary.json        what was trained, for how long, and how well
+    summary.json        what was trained, for how long, how well, and the peak memory (`peak_rss_bytes`: the
+                        process high-water mark; on CUDA also `cuda_max_memory_allocated_bytes`)
 
 The task supplies the examples, batches, loss and metrics and the loop never looks inside them; a
 "unit" below is what the task's loss averages over (a causal LM's loss-bearing tokens, images).
@@ -299,9 +300,13 @@ def _report_step(run: _Run, grad_norm: float, speed: float) -> None:
 def _finish(run: _Run) -> TrainResult:
     """Write the adapter, the loss curve and summary.json (rank 0), close the side outputs, return the result."""
     import lorakit
+    from lorakit.report.progress import format_bytes
+    from lorakit.training.memory import peak_rss_bytes
 
     world, task = run.world, run.task
     lorakit.unfuse_(run.model)
+    peak_rss = peak_rss_bytes()
+    cuda_peak = (torch.cuda.max_memory_allocated(world.device) if world.device.type == "cuda" else None)
     per_s = run.seen / run.seconds if run.seconds else 0.0
     result = TrainResult(run.run_dir, run.step, run.last_loss, run.valid_before, run.valid_after, per_s, run.seconds)
     if world.main:
@@ -311,7 +316,9 @@ def _finish(run: _Run) -> TrainResult:
         write_json(run.run_dir / "summary.json", {
             "method": run.config.method, "steps": run.step, "train_loss": run.last_loss,
             **task.summary(run.valid_before, run.valid_after, per_s),
-            "train_seconds": run.seconds, "data": run.stats,
+            "train_seconds": run.seconds, "peak_rss_bytes": peak_rss,
+            **({"cuda_max_memory_allocated_bytes": cuda_peak} if cuda_peak is not None else {}),
+            "data": run.stats,
             "trainable_parameters": sum(p.numel() for p in run.params),
             "processes": world.size, "global_batch": run.global_batch * run.config.train.grad_accum,
             "allreduce_bytes_per_step": run.sent_bytes,
@@ -323,6 +330,8 @@ def _finish(run: _Run) -> TrainResult:
         run.metrics.close()
     run.bar.close(f"{run.step} steps, train loss {run.last_loss:.4f}"
                   + task.describe(run.valid_before, run.valid_after, per_s)
+                  + f", peak RSS {format_bytes(peak_rss)}"
+                  + (f", GPU peak {format_bytes(cuda_peak)}" if cuda_peak is not None else "")
                   + (f" over {world.size} processes" if world.distributed else ""))
     world.barrier()
     run.model.eval()

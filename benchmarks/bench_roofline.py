@@ -1,0 +1,238 @@
+"""How close `lorakit train` runs to this machine's matmul peak: model FLOPs utilisation (MFU) per method and
+dtype, and where the rest of a step goes.
+
+    MFU = model FLOPs of the step / step time / matmul peak
+
+- model FLOPs: `lorakit.training.flops.step_flops`, from the model's shapes and each step's rows (non-padding
+  tokens, causal attention, the output layer at loss tokens only); checked against PyTorch's FlopCounterMode
+  in tests/test_flops.py.
+- matmul peak: measured in the same run, in the same dtype, on the step's own GEMM shapes (every linear
+  layer's forward and input-gradient product and the adapters' rank-r products at the run's tokens per
+  micro-batch), as their FLOPs over their summed best-of-3 times: the speed the step would have if it were
+  nothing but its matmuls.
+- where the rest goes: one step under torch.profiler, every operator's own time put in one bucket
+  (base matmuls, adapter matmuls, output layer + loss, attention, dequantization, norms, SwiGLU, optimizer,
+  other operators) and the wall time no operator accounts for (Python).
+
+Each (method, dtype) runs in its own process (its own peak RSS) on the embedded SmolLM2-135M-Instruct, on
+instruction rows made of whole standard-library docstrings (long answers), batch 4, max 512 tokens, r 16 on
+every linear layer: `lora` on the dense model, `qlora` on NF4 codes, `qalora` on the GGUF file's own Q4_1
+codes. bf16 runs only where the CPU multiplies bf16 natively (`lorakit env` says; --bf16 forces it).
+
+    python benchmarks/bench_roofline.py [--steps 4] [--warmup 1] [--methods lora,qlora,qalora] [--bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results" / "roofline.json"
+
+
+def make_rows(path: Path, n: int = 80, min_chars: int = 400) -> Path:
+    """The first `n` public functions/classes of the training modules whose whole docstring has >= min_chars."""
+    import importlib
+
+    from lorakit.data.stdlib_docs import TRAIN_MODULES
+
+    rows = []
+    for module_name in TRAIN_MODULES:
+        module = importlib.import_module(module_name)
+        for name, obj in sorted(vars(module).items()):
+            if name.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj)):
+                continue
+            doc = inspect.getdoc(obj) or ""
+            if len(doc) >= min_chars:
+                rows.append({"instruction": f"Explain `{module_name}.{name}` in full.", "output": doc})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:n]))
+    return path
+
+
+def matmul_peak(shapes: list[tuple[int, int, int, int]], dtype: torch.dtype, repeats: int = 3) -> float:
+    """FLOP/s of the GEMMs (m, k, n, count): Σ 2·m·k·n·count / Σ best time · count."""
+    flops = seconds = 0.0
+    for m, k, n, count in shapes:
+        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+        a @ b
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+        flops += 2 * m * k * n * count
+        seconds += best * count
+    return flops / seconds
+
+
+def _label(cls, method: str, label: str) -> None:
+    """Wrap cls.method in a profiler range named `label` (benchmark only)."""
+    original = getattr(cls, method)
+
+    def wrapped(*args, **kwargs):
+        with torch.profiler.record_function(label):
+            return original(*args, **kwargs)
+
+    setattr(cls, method, wrapped)
+
+
+def _buckets(prof, r: int, vocab: int) -> dict[str, float]:
+    """Seconds per bucket: every operator's self time, by what it is or the labelled range it runs in."""
+    out: dict[str, float] = defaultdict(float)
+    matmuls = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        seconds = event.self_cpu_time_total / 1e6
+        names = []
+        parent = event
+        while parent is not None:
+            names.append(parent.name)
+            parent = parent.cpu_parent
+        chain = " ".join(names)
+        if event.is_user_annotation or event.name.startswith(("autograd::engine", "Optimizer.step")):
+            out["python in labelled ranges"] += seconds
+        elif "lorakit::dequantize" in chain:
+            out["dequantization"] += seconds
+        elif "Optimizer.step" in chain or "clip_grad" in chain:
+            out["optimizer + clipping"] += seconds
+        elif event.name in matmuls:
+            dims = {d for shape in event.input_shapes for d in shape}
+            out["output layer + loss" if vocab in dims else "adapter matmuls" if r in dims
+                else "base matmuls"] += seconds
+        elif "scaled_dot_product" in chain or "flash_attention" in chain:
+            out["attention"] += seconds
+        elif "lorakit::loss" in chain:
+            out["output layer + loss"] += seconds
+        elif "RMSNorm" in chain or "lorakit::rmsnorm" in chain:
+            out["norms"] += seconds
+        elif "SwiGLU" in chain or "lorakit::swiglu" in chain:
+            out["SwiGLU"] += seconds
+        else:
+            out["other operators"] += seconds
+    return dict(out)
+
+
+def run_one(method: str, dtype: str, args) -> dict:
+    """Train `args.warmup + args.steps` steps in this process; time the last `args.steps`, profile one more."""
+    from lorakit.data.stdlib_docs import IGNORE
+    import importlib
+
+    from lorakit.quant.linear import is_quantized_weight
+    from lorakit.tasks import losses, make_task
+    from lorakit.training import loop
+    from lorakit.training.distributed import init_world
+    from lorakit.training.flops import LlamaShape, gemm_shapes, step_flops
+    from lorakit.training.memory import peak_rss_bytes
+    from lorakit.training.run_config import load_config
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    work = Path(tempfile.mkdtemp(prefix="roofline-"))
+    rows = make_rows(work / "rows.jsonl")
+    total = args.warmup + args.steps + 1
+    config = load_config(None, [
+        f"method={method}", f"model.dtype={dtype}", f"data.train={rows}", "data.valid_fraction=0",
+        f"data.max_tokens={args.max_tokens}", f"output_dir={work / 'run'}", f"train.steps={total}",
+        f"train.batch_size={args.batch}", "train.lr=2e-4", "train.warmup_steps=0", "train.eval_every=0",
+        f"train.save_every={total}", f"adapter.r={args.r}", f"adapter.alpha={2 * args.r}",
+    ])
+    world = init_world()
+    task = make_task(config)
+    run = loop._start(config, False, False, task, None, world)
+    r = args.r
+    shape = LlamaShape.of(run.model.config)
+    for _ in range(args.warmup):
+        loop._step(run)
+    steps = []
+    for _ in range(args.steps):
+        rows_ = run.batches[run.batch_index]  # 20 batches per epoch: no step here crosses an epoch
+        lengths = [len(e.input_ids) for e in rows_]
+        loss_tokens = sum(sum(1 for y in e.labels[1:] if y != IGNORE) for e in rows_)
+        before = run.seconds
+        loop._step(run)
+        seconds = run.seconds - before
+        flops = step_flops(shape, lengths, loss_tokens, r)
+        steps.append({"seconds": seconds, "tokens": sum(lengths), "padded_tokens": max(lengths) * len(lengths),
+                      "loss_tokens": loss_tokens, "flops": flops})
+    # the profiled step, with labelled ranges for what operator names alone do not tell apart
+    for weight_type in {type(m) for m in run.model.modules() if is_quantized_weight(m)}:
+        _label(weight_type, "dequantize", "lorakit::dequantize")
+    _label(losses._ChunkedCrossEntropySum, "apply", "lorakit::loss")
+    for module, fn in (("rmsnorm", "_RMSNorm"), ("swiglu", "_SwiGLUDown")):
+        _label(getattr(importlib.import_module(f"lorakit.kernels.{module}"), fn), "apply", f"lorakit::{module}")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        start = time.perf_counter()
+        loop._step(run)
+        wall = time.perf_counter() - start
+    buckets = _buckets(prof, r, shape.vocab_size)
+    buckets["Python (no operator)"] = max(wall - sum(buckets.values()), 0.0)
+    dtype_ = run.dtype
+    tokens = round(sum(s["tokens"] for s in steps) / len(steps))
+    gemms = gemm_shapes(shape, tokens, r)
+    peak = matmul_peak(gemms, dtype_)
+    seconds = sum(s["seconds"] for s in steps)
+    flops = sum(s["flops"]["total"] for s in steps)
+    return {
+        "method": method, "dtype": str(dtype_).removeprefix("torch."), "threads": torch.get_num_threads(),
+        "steps": steps, "seconds_per_step": seconds / len(steps), "tokens_per_s": sum(s["tokens"] for s in steps) / seconds,
+        "model_flops_per_s": flops / seconds, "matmul_peak_flops_per_s": peak, "mfu": flops / seconds / peak,
+        "profile_wall_s": wall, "profile_buckets_s": buckets, "peak_rss_bytes": peak_rss_bytes(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=512)
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--methods", default="lora,qlora,qalora")
+    parser.add_argument("--bf16", action="store_true", help="also run bf16 where the CPU has no native bf16")
+    parser.add_argument("--one", nargs=2, metavar=("METHOD", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(*args.one, args)))
+        return
+    from lorakit.training.hardware import compute_dtype_reason, cpu_has_fast_bf16
+
+    dtypes = ["float32"] + (["bfloat16"] if cpu_has_fast_bf16() or args.bf16 else [])
+    results = []
+    for dtype in dtypes:
+        for method in args.methods.split(","):
+            cmd = [sys.executable, __file__, "--one", method, dtype, "--steps", str(args.steps), "--warmup",
+                   str(args.warmup), "--batch", str(args.batch), "--max-tokens", str(args.max_tokens), "--r",
+                   str(args.r), "--threads", str(args.threads)]
+            done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            if done.returncode:
+                sys.exit(f"{method} {dtype} failed:\n{done.stderr[-3000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            results.append(result)
+            b = result["profile_buckets_s"]
+            share = ", ".join(f"{k} {v / result['profile_wall_s']:.0%}" for k, v in sorted(b.items(), key=lambda kv: -kv[1]))
+            print(f"{method:7s} {result['dtype']:8s} {result['seconds_per_step']:6.2f} s/step "
+                  f"{result['tokens_per_s']:6.0f} tok/s  model {result['model_flops_per_s'] / 1e9:6.1f} GFLOP/s  "
+                  f"peak {result['matmul_peak_flops_per_s'] / 1e9:6.1f}  MFU {result['mfu']:.0%}  "
+                  f"RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB\n    profile: {share}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    from lorakit.io import write_json
+
+    write_json(args.out, {"cpu_bf16": compute_dtype_reason("cpu"), "torch": torch.__version__,
+                          "cpu": os.cpu_count(), "results": results})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""The FLOP count of `lorakit.training.flops` against PyTorch's own counter (`FlopCounterMode`, which counts
+every matmul and attention call a step actually runs, forward and backward)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import lorakit
+from lorakit.training.flops import LlamaShape, gemm_shapes, step_flops
+from tests.tiny_models import VOCAB, tiny_llama
+
+
+@pytest.mark.parametrize("targets", [None, ("q_proj", "v_proj"), ("gate_proj", "down_proj")])
+def test_step_flops_equal_pytorchs_count(targets):
+    model = tiny_llama(layers=3)
+    model.config._attn_implementation = "eager"  # attention as plain matmuls, which the counter sees
+    r = 4
+    lorakit.inject_adapters(model, lorakit.LoraConfig(r=r, alpha=8, target_modules=list(targets) if targets else "all-linear"))
+    model.train()
+    ids = torch.randint(0, VOCAB, (3, 20))
+    labels = ids.clone()
+    labels[:, :7] = -100  # prompts: no loss there, so the output layer runs on 13 - 1 shifted positions per row
+    # lorakit adds B's product into the base output in place (addmm_), which the counter has no formula for
+    def addmm(self_shape, a_shape, b_shape, *args, **kwargs):  # (m, k) @ (k, n)
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm}) as counter:
+        loss = lorakit.causal_lm_loss(model, ids, labels, torch.ones_like(ids))
+        loss.backward()
+    n_loss = int((labels[:, 1:] != -100).sum())
+    # eager attention computes the masked half too: causal=False
+    expected = step_flops(LlamaShape.of(model.config), [20] * 3, n_loss, r, targets, causal=False)
+    assert counter.get_total_flops() == expected["total"]
+    assert expected["adapter"] > 0 and expected["attention"] > 0 and expected["output"] > 0
+
+
+def test_causal_attention_is_half_and_parts_add_up():
+    shape = LlamaShape(576, 1536, 30, 9, 3, 49152)  # SmolLM2-135M
+    full = step_flops(shape, [512, 300], 400, 16, causal=False)
+    causal = step_flops(shape, [512, 300], 400, 16)
+    assert causal["attention"] * 2 == full["attention"]
+    assert causal["total"] == sum(causal[k] for k in ("base", "adapter", "attention", "output"))
+    assert 134e6 < shape.parameters() < 135e6  # SmolLM2-135M's published count: 134,515,008
+    assert len(gemm_shapes(shape, 2048, 16)) == 7 * 4
+
+
+def test_unknown_target_is_named():
+    with pytest.raises(ValueError, match="lm_head"):
+        step_flops(LlamaShape(64, 128, 2, 4, 2, 128), [8], 4, 4, ("lm_head",))
