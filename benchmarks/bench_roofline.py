@@ -6,10 +6,11 @@ dtype, and where the rest of a step goes.
 - model FLOPs: `lorakit.training.flops.step_flops`, from the model's shapes and each step's rows (non-padding
   tokens, causal attention, the output layer at loss tokens only); checked against PyTorch's FlopCounterMode
   in tests/test_flops.py.
-- matmul peak: measured in the same run, in the same dtype, on the step's own GEMM shapes (every linear
-  layer's forward and input-gradient product and the adapters' rank-r products at the run's tokens per
-  micro-batch), as their FLOPs over their summed best-of-3 times: the speed the step would have if it were
-  nothing but its matmuls.
+- matmul peak: measured in the same process, in the same dtype, on the step's own GEMM shapes (every linear
+  layer's forward and input-gradient product and the adapters' rank-r products at the run's mean tokens per
+  micro-batch), as their FLOPs over their summed best-of-5 times, before and after the timed steps (the
+  higher of the two: shared machines are noisy): the speed the step would have if it were nothing but its
+  matmuls.
 - where the rest goes: one step under torch.profiler, every operator's own time put in one bucket
   (base matmuls, adapter matmuls, output layer + loss, attention, dequantization, norms, SwiGLU, optimizer,
   other operators) and the wall time no operator accounts for (Python).
@@ -59,7 +60,7 @@ def make_rows(path: Path, n: int = 80, min_chars: int = 400) -> Path:
     return path
 
 
-def matmul_peak(shapes: list[tuple[int, int, int, int]], dtype: torch.dtype, repeats: int = 3) -> float:
+def matmul_peak(shapes: list[tuple[int, int, int, int]], dtype: torch.dtype, repeats: int = 5) -> float:
     """FLOP/s of the GEMMs (m, k, n, count): Σ 2·m·k·n·count / Σ best time · count."""
     flops = seconds = 0.0
     for m, k, n, count in shapes:
@@ -153,6 +154,9 @@ def run_one(method: str, dtype: str, args) -> dict:
     shape = LlamaShape.of(run.model.config)
     for _ in range(args.warmup):
         loop._step(run)
+    mean_tokens = round(sum(sum(len(e.input_ids) for e in b) for b in run.batches) / len(run.batches))
+    gemms = gemm_shapes(shape, mean_tokens, r)
+    peak_before = matmul_peak(gemms, run.dtype)
     steps = []
     for _ in range(args.steps):
         rows_ = run.batches[run.batch_index]  # 20 batches per epoch: no step here crosses an epoch
@@ -164,6 +168,8 @@ def run_one(method: str, dtype: str, args) -> dict:
         flops = step_flops(shape, lengths, loss_tokens, r)
         steps.append({"seconds": seconds, "tokens": sum(lengths), "padded_tokens": max(lengths) * len(lengths),
                       "loss_tokens": loss_tokens, "flops": flops})
+    train_peak = peak_rss_bytes()  # before the profiler adds its own records
+    profiled_tokens = sum(len(e.input_ids) for e in run.batches[run.batch_index])
     # the profiled step, with labelled ranges for what operator names alone do not tell apart
     for weight_type in {type(m) for m in run.model.modules() if is_quantized_weight(m)}:
         _label(weight_type, "dequantize", "lorakit::dequantize")
@@ -177,16 +183,15 @@ def run_one(method: str, dtype: str, args) -> dict:
     buckets = _buckets(prof, r, shape.vocab_size)
     buckets["Python (no operator)"] = max(wall - sum(buckets.values()), 0.0)
     dtype_ = run.dtype
-    tokens = round(sum(s["tokens"] for s in steps) / len(steps))
-    gemms = gemm_shapes(shape, tokens, r)
-    peak = matmul_peak(gemms, dtype_)
+    peak = max(peak_before, matmul_peak(gemms, dtype_))
     seconds = sum(s["seconds"] for s in steps)
     flops = sum(s["flops"]["total"] for s in steps)
     return {
         "method": method, "dtype": str(dtype_).removeprefix("torch."), "threads": torch.get_num_threads(),
         "steps": steps, "seconds_per_step": seconds / len(steps), "tokens_per_s": sum(s["tokens"] for s in steps) / seconds,
         "model_flops_per_s": flops / seconds, "matmul_peak_flops_per_s": peak, "mfu": flops / seconds / peak,
-        "profile_wall_s": wall, "profile_buckets_s": buckets, "peak_rss_bytes": peak_rss_bytes(),
+        "profile_tokens": profiled_tokens, "profile_wall_s": wall, "profile_buckets_s": buckets,
+        "peak_rss_bytes": train_peak,
     }
 
 

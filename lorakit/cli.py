@@ -336,15 +336,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import lorakit
     from lorakit.demo import answer
 
-    if args.run:
-        model, tokenizer, _ = load_run(args.run)
-    else:
-        model, tokenizer = load_base(args.base)
+    gguf = _llama_cpp_file(args)
+    if gguf is not None:
+        from lorakit.demo import chat_ids
+        from lorakit.formats.gguf_load import load_gguf_tokenizer
+        from lorakit.formats.llamacpp import Generator
 
-    def reply(prompt: str) -> str:
-        off = lorakit.disable_adapters(model) if args.no_adapter and args.run else contextlib.nullcontext()
-        with off:
-            return answer(model, tokenizer, prompt, args.max_new_tokens)
+        tokenizer = load_gguf_tokenizer(gguf)
+        generator = Generator(gguf)
+        print(f"lorakit generate: llama.cpp on {gguf}", file=sys.stderr)
+
+        def reply(prompt: str) -> str:
+            ids = chat_ids(tokenizer, prompt)
+            new = generator.generate_ids(ids, args.max_new_tokens, stop=_stop_ids(tokenizer))
+            return tokenizer.decode(new, skip_special_tokens=True).strip()
+    else:
+        if args.run:
+            model, tokenizer, _ = load_run(args.run)
+        else:
+            model, tokenizer = load_base(args.base)
+
+        def reply(prompt: str) -> str:
+            off = lorakit.disable_adapters(model) if args.no_adapter and args.run else contextlib.nullcontext()
+            with off:
+                return answer(model, tokenizer, prompt, args.max_new_tokens)
 
     for prompt in args.prompt or []:
         print(reply(prompt))
@@ -353,6 +368,48 @@ def cmd_generate(args: argparse.Namespace) -> int:
         while line := input("> ").strip():
             print(reply(line))
     return 0
+
+
+def _llama_cpp_file(args: argparse.Namespace) -> Path | None:
+    """The GGUF file llama.cpp answers with, or None for PyTorch. `--engine auto` takes llama.cpp when it is
+    installed and the model is a GGUF file: the base (no run, or --no-adapter on a GGUF-based run) or a QA-LoRA
+    run's lossless merge (`run_gguf`); `--engine llama.cpp` insists, and says why it cannot."""
+    from lorakit.formats.llamacpp import available
+    from lorakit.models.default import default_gguf_path
+    from lorakit.tasks.causal_lm import is_gguf, run_gguf
+    from lorakit.training.run_config import read_run_config
+
+    if args.engine == "torch":
+        return None
+    wanted = args.engine == "llama.cpp"
+    if not available():
+        if wanted:
+            raise ValueError("--engine llama.cpp needs llama-cpp-python: pip install llama-cpp-python (it compiles "
+                             "llama.cpp, 3-10 minutes), or use --engine torch")
+        return None
+    if args.run:
+        config = read_run_config(args.run)
+        if args.no_adapter:
+            path = config.model.path if is_gguf(config.model.path) else None
+            gguf = (Path(path).expanduser() if path else default_gguf_path()) if is_gguf(config.model.path) else None
+        else:
+            gguf = run_gguf(args.run, config)
+        if gguf is None and wanted:
+            raise ValueError(f"--engine llama.cpp runs GGUF files: {args.run} is a {config.method} run on "
+                             f"{config.model.path or 'the embedded model'}, which has no lossless GGUF form (only "
+                             f"QA-LoRA on a GGUF base merges into its own 4-bit codes); use --engine torch, or "
+                             f"export it with lorakit export --format gguf (re-quantized) and run that file")
+        return gguf
+    if is_gguf(args.base):
+        return default_gguf_path() if args.base is None else Path(args.base).expanduser()
+    if wanted:
+        raise ValueError(f"--engine llama.cpp runs GGUF files; --base {args.base} is not one: use --engine torch")
+    return None
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    return [i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id]
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -468,6 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="prompt (repeatable); none: chat from the terminal")
     p.add_argument("--no-adapter", action="store_true", help="answer with the base model of the run")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--engine", choices=("auto", "torch", "llama.cpp"), default="auto",
+                   help="auto (default): llama.cpp when llama-cpp-python is installed and the model is a GGUF file "
+                        "(the base, or a QA-LoRA run merged losslessly into RUN_DIR/merged.gguf); else PyTorch")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("merge", help="merge a run's adapter into its base; write a dense Hugging Face model")
     p.add_argument("run", help="run directory")

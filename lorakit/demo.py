@@ -21,14 +21,20 @@ import torch
 QUESTIONS = ("What does `shlex.quote` do?", "What does `math.isclose` do?")  # validation modules: never trained on
 
 
-def answer(model, tokenizer, question: str, max_new_tokens: int = 48) -> str:
-    """Greedy answer in the model's chat template (a quantized base is dequantized once, not once per token)."""
-    from lorakit.quant.linear import dequantize_once
-
+def chat_ids(tokenizer, question: str) -> list[int]:
+    """The token ids of `question` in the tokenizer's chat template, ready for the assistant's answer."""
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                            tokenize=False)
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    with torch.no_grad(), dequantize_once():
+    return tokenizer(prompt, add_special_tokens=False).input_ids
+
+
+def answer(model, tokenizer, question: str, max_new_tokens: int = 48) -> str:
+    """Greedy answer in the model's chat template (a quantized base is dequantized once, not once per token)."""
+    from lorakit.quant.linear import dequantize_once_if_it_fits
+    from lorakit.tasks.base import compute_dtype
+
+    ids = torch.tensor([chat_ids(tokenizer, question)])
+    with torch.no_grad(), dequantize_once_if_it_fits(model, compute_dtype(model)):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()

@@ -315,10 +315,25 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.routes is not None:
             return self.routes.layer_forward(self, x)
+        adapter = None if self.active is None else self.lora[self.active]
+        if (adapter is not None and self.kind == "linear" and not self.transposed and not self.disabled
+                and adapter.magnitude is None and not (adapter.group_size is not None
+                                                       and getattr(self.weight, "offset_dtype", None))):
+            # out += (s · A drop(x)) Bᵀ as one GEMM into the base output: no (..., out) temporary and no separate
+            # add pass. On 2-D rows, so the in-place GEMM writes a fresh tensor, not a view of one (autograd
+            # would otherwise rebuild the whole output gradient through as_strided: a fill and a copy per
+            # layer). Safe in place: a frozen-weight linear saves x, not its output.
+            rows = x.reshape(-1, x.shape[-1])  # (N, in)
+            out = self.base_forward(rows)  # (N, out)
+            if out.dtype == x.dtype:
+                h = _lora_hidden(adapter, rows, adapter.A.to(x.dtype))  # (N, r)
+                out = out.addmm_(h, adapter.B.to(x.dtype).t())
+            else:
+                out = out + self.adapter_forward(adapter, rows)
+            return out.view(*x.shape[:-1], out.shape[-1])
         out = self.base_forward(x)
-        if self.active is None:
+        if adapter is None:
             return out
-        adapter = self.lora[self.active]
         if self.disabled:
             # PiSSA moved s·B0A0 out of W: add it back so "disabled" means the original model.
             return out + self.adapter_forward(adapter, x, initial=True) if adapter.is_pissa else out
@@ -326,12 +341,6 @@ class LoraLayer(nn.Module):
             return self.dora_forward(adapter, x, out)
         if self.kind == "linear" and adapter.group_size is not None and getattr(self.weight, "offset_dtype", None):
             return out + self.offset_forward(adapter, x)
-        if self.kind == "linear" and out.is_contiguous() and out.dtype == x.dtype:
-            # out += (s · A drop(x)) Bᵀ as one GEMM into the base output: no (..., out) temporary and
-            # no separate add pass. Safe in place: a frozen-weight linear saves x, not its output.
-            h = _lora_hidden(adapter, x, adapter.A.to(x.dtype))  # (..., r)
-            flat = out.view(-1, out.shape[-1])  # (N, out)
-            return flat.addmm_(h.reshape(-1, h.shape[-1]), adapter.B.to(x.dtype).t()).view(out.shape)
         return out + self.adapter_forward(adapter, x)
 
     def extra_repr(self) -> str:

@@ -252,6 +252,17 @@ def _empty_model(config, dtype: torch.dtype):
         return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+def load_gguf_tokenizer(path: str | os.PathLike):
+    """The tokenizer (and chat template) of a GGUF file, without its model."""
+    from types import SimpleNamespace
+
+    path = Path(path).expanduser()
+    reader = read_gguf(path)
+    arch = field_value(reader, "general.architecture")
+    return _tokenizer(path, SimpleNamespace(max_position_embeddings=field_value(reader, f"{arch}.context_length")
+                                            or 2048))
+
+
 def _tokenizer(path: Path, config):
     """The file's tokenizer and chat template, converted by transformers (a few seconds for a 50k vocabulary)."""
     from lorakit.models.default import _hub_offline, _import_transformers

@@ -1,7 +1,9 @@
 """Run exported GGUF files in llama.cpp (through llama-cpp-python) and compare with lorakit's model.
 
 Optional: needs ``pip install llama-cpp-python`` (builds llama.cpp, ~10 minutes on 2 cores). The tests
-and benchmarks use it to check the export contracts; lorakit itself never imports it.
+and benchmarks use it to check the export contracts; `lorakit generate` uses it, when it is installed, to
+answer with a GGUF file (`generate_ids`): llama.cpp decodes a 4-bit model several times faster than
+PyTorch can on a CPU (`benchmarks/bench_generate.py`). Nothing else in lorakit imports it.
 
     logits = llama_logits("ft.gguf", sequences)                  # list of float32 (T, vocab)
     logits = llama_logits("base.gguf", sequences, lora="a.gguf")  # base + llama.cpp LoRA adapter
@@ -29,6 +31,49 @@ def _llama_cpp():
         raise ImportError("running GGUF files needs llama-cpp-python: pip install llama-cpp-python "
                           "(it compiles llama.cpp, ~10 minutes)") from e
     return llama_cpp
+
+
+def available() -> bool:
+    """Whether llama-cpp-python is installed (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+class Generator:
+    """Greedy decoding of token ids with llama.cpp on one GGUF file (one context, reused across prompts).
+
+    The caller tokenizes (lorakit's tokenizer of the same file, its chat template), so both engines see the
+    same prompt ids; llama.cpp multiplies 4-bit blocks by 8-bit activations, so its tokens may part from
+    PyTorch's float32 ones after a few dozen tokens (`benchmarks/bench_generate.py` counts them)."""
+
+    def __init__(self, path: str | os.PathLike, *, n_ctx: int = 2048, n_threads: int | None = None):
+        llama_cpp = _llama_cpp()
+        threads = n_threads or os.cpu_count()
+        self.n_ctx = n_ctx
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                                   verbose=False)
+
+    def generate_ids(self, prompt: Sequence[int], max_new_tokens: int, stop: Sequence[int] = ()) -> list[int]:
+        """Up to `max_new_tokens` greedy tokens after `prompt`, ending early at a token of `stop` (not returned)."""
+        if len(prompt) + max_new_tokens > self.n_ctx:
+            raise ValueError(f"{len(prompt)} prompt tokens + max_new_tokens={max_new_tokens} exceed the llama.cpp "
+                             f"context of {self.n_ctx}; lower max_new_tokens or shorten the prompt")
+        out: list[int] = []
+        if max_new_tokens <= 0:
+            return out
+        stop = set(stop) | {self.llm.token_eos()}
+        for token in self.llm.generate(list(map(int, prompt)), top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0,
+                                       reset=True):
+            if token in stop:
+                break
+            out.append(int(token))
+            if len(out) == max_new_tokens:
+                break
+        return out
+
+    def close(self) -> None:
+        self.llm.close()
 
 
 def llama_logits(path: str | os.PathLike, sequences: Sequence[Sequence[int]], *, lora: str | os.PathLike | None = None,

@@ -91,8 +91,8 @@ class _SwiGLUDown(torch.autograd.Function):
         grad_u = gm * silu if ctx.needs_input_grad[1] else None
         grad_g = None
         if ctx.needs_input_grad[0]:
-            # silu'(g) = σ (1 + g (1 − σ)), built in place on sig
-            grad_g = gm.mul_(u).mul_(sig.mul_(1 + g * (1 - sig)))
+            # silu'(g) = σ (1 + g (1 − σ)): one (N, f) temporary, then in place on it and on sig
+            grad_g = gm.mul_(u).mul_(sig.mul_(torch.rsub(sig, 1).mul_(g).add_(1)))
         return grad_g, grad_u, None, grad_bias, grad_a, grad_b, None, None
 
 

@@ -51,6 +51,43 @@ def dequantize_once() -> Iterator[None]:
         _once.cache = None
 
 
+def dense_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes the dense copies of `model`'s quantized weights take in `dtype` (what `dequantize_once` holds)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for module in model.modules():
+        if is_quantized_weight(module):
+            rows, cols = module.shape
+            total += rows * cols * size
+    return total
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the OS can still give this process (Linux ``MemAvailable``, else psutil); None when unknown."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.virtual_memory().available
+
+
+def dequantize_once_if_it_fits(model: nn.Module, dtype: torch.dtype, share: float = 0.5):
+    """`dequantize_once()` when the dense copies of `model`'s quantized weights take at most `share` of the
+    memory still available (or the model has none: nothing to hold); otherwise a block that changes nothing,
+    so inference dequantizes on the fly as before. For evaluation and generation on a 4-bit base."""
+    need = dense_bytes(model, dtype)
+    free = available_memory_bytes()
+    if need == 0 or (free is not None and need > share * free):
+        return contextlib.nullcontext()
+    return dequantize_once()
+
+
 def _dequantized(weight: nn.Module, dtype: torch.dtype) -> Tensor:
     cache = getattr(_once, "cache", None)
     if cache is None or torch.is_grad_enabled():

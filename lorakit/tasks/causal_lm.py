@@ -151,6 +151,34 @@ def load_trained(run_dir: str | Path, *, dtype: torch.dtype | None = None):
     return model.eval(), tokenizer, config
 
 
+MERGED_GGUF = "merged.gguf"
+
+
+def run_gguf(run_dir: str | Path, config=None, model=None) -> Path | None:
+    """A GGUF file holding exactly what a QA-LoRA run on a GGUF base trained: RUN_DIR/merged.gguf, the adapter
+    merged into the file's own INT-N offsets (lossless), written on first use and again when the adapter is
+    newer than it. None for other runs (their merge into 4 bits would re-quantize: not what was trained).
+    `model`: the run's model with its adapter, when the caller already loaded it (it is merged in place)."""
+    import lorakit
+    from lorakit.models.default import default_gguf_path
+    from lorakit.training.run_config import read_run_config
+
+    run_dir = Path(run_dir)
+    config = config or read_run_config(run_dir)
+    if config.task != "causal-lm" or config.method != "qalora" or not is_gguf(config.model.path):
+        return None
+    out = run_dir / MERGED_GGUF
+    adapter = run_dir / "adapter"
+    newest = max((f.stat().st_mtime for f in adapter.iterdir() if f.is_file()), default=0.0)
+    if out.is_file() and out.stat().st_mtime >= newest:
+        return out
+    if model is None:
+        model, _, _ = load_trained(run_dir)
+    lorakit.merge_(model)  # exact: into the INT-N offsets
+    lorakit.export_gguf(model, out, template=config.model.path or default_gguf_path(), merged=str(adapter))
+    return out
+
+
 def calibration_batches(examples, n: int = 32) -> list[torch.Tensor]:
     """GPTQ calibration input_ids (1, T) from the first `n` training examples."""
     return [torch.tensor(e.input_ids)[None] for e in examples[:n]]
@@ -249,18 +277,22 @@ def evaluate(model, examples, pad_id: int, batch_size: int = 8, world=None, loss
     with several processes each evaluates every P-th batch and the sums are all-reduced."""
     from lorakit.training.distributed import World
 
+    from lorakit.quant.linear import dequantize_once_if_it_fits
+
     world = world or World()
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     total, count = 0.0, 0
-    for start in range(world.rank * batch_size, len(order), batch_size * world.size):
-        rows = [examples[i] for i in order[start:start + batch_size]]
-        batch = batch_inputs(rows, pad_id, compute_dtype(model), world.device)
-        n = count_loss_tokens(batch)
-        if n:
-            total += loss_fn(model, batch).item() * n
-            count += n
+    dtype = compute_dtype(model)
+    with dequantize_once_if_it_fits(model, dtype):  # a 4-bit base: one dense copy for all batches
+        for start in range(world.rank * batch_size, len(order), batch_size * world.size):
+            rows = [examples[i] for i in order[start:start + batch_size]]
+            batch = batch_inputs(rows, pad_id, dtype, world.device)
+            n = count_loss_tokens(batch)
+            if n:
+                total += loss_fn(model, batch).item() * n
+                count += n
     total, count = world.sum(total, count)
     model.train(was_training)
     return total / max(count, 1)

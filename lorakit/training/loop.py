@@ -142,6 +142,7 @@ class _Run:
     batch_index: int = 0
     seen: int = 0  # loss units (the task's `unit`) trained on
     seconds: float = 0.0
+    valid_seconds: float = 0.0  # time spent in validation (not in `seconds`)
     valid_before: dict | None = None
     valid_after: dict | None = None
     last_loss: float = float("nan")
@@ -210,10 +211,13 @@ def _start(config, resume: bool, progress: bool, task, model, world: World) -> _
         state = _load_checkpoint(checkpoint, model, optimizer, scheduler, world)
         run.step, run.epoch, run.batch_index = state["step"], state["epoch"], state["batch"]
         run.seen, run.seconds, run.valid_before = state["tokens"], state["seconds"], _valid_before(state)
+        run.valid_seconds = state.get("valid_seconds", 0.0)
     run.metrics = (Report(MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=run.step if checkpoint else -1),
                           trackers) if world.main else None)  # metrics.jsonl, and each tracker of train.report_to
     if valid_examples and run.valid_before is None:
+        start = time.perf_counter()
         run.valid_before = task.evaluate(model, valid_examples, world)
+        run.valid_seconds += time.perf_counter() - start
         run.log(0, **run.valid_before)
     run.bar = ProgressBar(total_steps, enabled=progress and world.main, speed_label=task.speed_label)
     run.batches = task.epoch_batches(train_examples, run.epoch, global_batch)
@@ -271,13 +275,16 @@ def _step(run: _Run) -> None:
     run.last_loss = loss_sum / max(n_units, 1)
     _report_step(run, grad_norm, n_units / elapsed if elapsed > 0 else 0.0)
     if run.valid_examples and (_every(run.step, t.eval_every) or run.step == run.total_steps):
+        start = time.perf_counter()
         run.valid_after = task.evaluate(run.model, run.valid_examples, world)
+        run.valid_seconds += time.perf_counter() - start
         run.log(run.step, **run.valid_after)
     if _every(run.step, t.save_every) or run.step == run.total_steps:
         rng = world.gather_rng()
         if world.main:
             save_checkpoint(run.run_dir, run.step, run.model, run.optimizer, run.scheduler,
                             {"epoch": run.epoch, "batch": run.batch_index, "tokens": run.seen, "seconds": run.seconds,
+                             "valid_seconds": run.valid_seconds,
                              "valid_before": run.valid_before, "global_batch": run.global_batch,
                              "processes": world.size}, rng_states=rng)
         world.barrier()
@@ -316,7 +323,7 @@ def _finish(run: _Run) -> TrainResult:
         write_json(run.run_dir / "summary.json", {
             "method": run.config.method, "steps": run.step, "train_loss": run.last_loss,
             **task.summary(run.valid_before, run.valid_after, per_s),
-            "train_seconds": run.seconds, "peak_rss_bytes": peak_rss,
+            "train_seconds": run.seconds, "valid_seconds": run.valid_seconds, "peak_rss_bytes": peak_rss,
             **({"cuda_max_memory_allocated_bytes": cuda_peak} if cuda_peak is not None else {}),
             "data": run.stats,
             "trainable_parameters": sum(p.numel() for p in run.params),

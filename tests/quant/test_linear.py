@@ -146,3 +146,29 @@ def test_dequantize_once_builds_each_weight_once_without_grad_and_gives_the_same
     with torch.no_grad():  # outside the block: on the fly, as before
         linear(x, weights[0]), linear(x, weights[0])
     assert len(calls) == 2
+
+
+def test_dequantize_once_if_it_fits_caches_only_when_the_dense_copy_fits(monkeypatch):
+    import importlib
+
+    from lorakit.quant.intn import IntNWeight
+
+    linear_module = importlib.import_module("lorakit.quant.linear")
+    model = nn.Sequential(QuantizedLinear(IntNWeight.from_float(torch.randn(OUT, IN), 4, 16)), nn.Linear(OUT, 3))
+    assert linear_module.dense_bytes(model, torch.float32) == OUT * IN * 4  # the dense nn.Linear is not counted
+    assert linear_module.dense_bytes(model, torch.bfloat16) == OUT * IN * 2
+    weight = model[0].weight
+    calls = []
+    original = weight.dequantize
+    monkeypatch.setattr(weight, "dequantize", lambda dtype=None: calls.append(dtype) or original(dtype))
+    x = torch.randn(3, IN)
+    for free, builds in ((10 * OUT * IN * 4, 1), (OUT * IN * 4, 4)):  # room for it; not twice its size: on the fly
+        monkeypatch.setattr(linear_module, "available_memory_bytes", lambda free=free: free)
+        calls.clear()
+        with torch.no_grad(), linear_module.dequantize_once_if_it_fits(model, torch.float32):
+            outs = [model(x) for _ in range(4)]
+        assert len(calls) == builds and all(torch.equal(o, outs[0]) for o in outs)
+    monkeypatch.setattr(linear_module, "available_memory_bytes", lambda: None)  # unknown: cache
+    assert isinstance(linear_module.dequantize_once_if_it_fits(model, torch.float32), type(linear_module.dequantize_once()))
+    dense = nn.Sequential(nn.Linear(IN, OUT))  # nothing quantized: nothing to hold
+    assert not isinstance(linear_module.dequantize_once_if_it_fits(dense, torch.float32), type(linear_module.dequantize_once()))
