@@ -303,18 +303,14 @@ class LoraLayer(nn.Module):
             y_update = Σ_G Δm[:, G] · Σ_{j∈G} drop(x)_j          (..., in) -> (..., out)
 
         Equal to s · B A pool(drop(x)) wherever fp16 holds m + δ exactly."""
-        moved = self.moved_offset(adapter)
-        sums = adapter.dropout(x).unflatten(-1, (-1, self.weight.group_size)).sum(-1)  # (..., in/g_w)
-        return F.linear(sums, moved.to(sums.dtype))
-
-    def moved_offset(self, adapter: LoraAdapter) -> torch.Tensor:
-        """Δm of `offset_forward`: (out, in/g_w) float32, differentiable in A and B (straight-through)."""
         weight = self.weight
         k = adapter.group_size // weight.group_size
         delta = (adapter.scaling * (adapter.B.float() @ adapter.A.float())) / adapter.group_size  # (out, in/g_a)
         if k > 1:
             delta = delta.repeat_interleave(k, dim=1)  # (out, in/g_w)
-        return weight.moved_offset(delta)
+        moved = weight.moved_offset(delta)
+        sums = adapter.dropout(x).unflatten(-1, (-1, weight.group_size)).sum(-1)  # (..., in/g_w)
+        return F.linear(sums, moved.to(sums.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.routes is not None:

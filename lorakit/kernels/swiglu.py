@@ -21,12 +21,6 @@ Backward, with gy = dL/dy (N, d), σ = sigmoid(g), silu(g) = g σ, silu'(g) = σ
 QA-LoRA adapters (group_size g) see m averaged over groups, P m (N, f/g): then h = s · (P m) Aᵀ,
 dL/dA = s · ghᵀ (P m), and the adapter's part of gm is s · (gh A) spread over each group / g.
 
-QA-LoRA against offsets deployed in fp16 (a GGUF base) instead adds each weight group's offset change
-Δm (d, f/g_w), computed outside from A and B (`LoraLayer.moved_offset`), times the group sums of m:
-
-    y     = m Wᵀ + b + S(m) Δmᵀ,   S(m) = Σ_{j ∈ group} m_j   (N, f/g_w)
-    gm    = gy W + (gy Δm) spread over each group             dL/dΔm = gyᵀ S(m)   (d, f/g_w)
-
 `swiglu_down_reference` is the plain-autograd version it must match.
 """
 
@@ -44,49 +38,36 @@ def _pool(m: Tensor, group_size: int | None) -> Tensor:
     return m if group_size is None else m.unflatten(-1, (-1, group_size)).mean(-1)  # (..., f/g)
 
 
-def _group_sums(m: Tensor, group_size: int) -> Tensor:
-    return m.unflatten(-1, (-1, group_size)).sum(-1)  # (..., f/g)
-
-
 def swiglu_down_reference(g: Tensor, u: Tensor, weight, bias: Tensor | None,
-                          a: Tensor | None, b: Tensor | None, scaling: float, group_size: int | None = None,
-                          moved: Tensor | None = None, moved_group: int | None = None) -> Tensor:
+                          a: Tensor | None, b: Tensor | None, scaling: float, group_size: int | None = None) -> Tensor:
     m = F.silu(g) * u
     y = F.linear(m, dense_weight(weight, m.dtype), None if bias is None else bias.to(m.dtype))
     if a is not None:
         y = y + F.linear(F.linear(_pool(m, group_size), a.to(m.dtype)) * scaling, b.to(m.dtype))
-    if moved is not None:
-        y = y + F.linear(_group_sums(m, moved_group), moved.to(m.dtype))
     return y
 
 
 class _SwiGLUDown(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, g, u, weight, bias, a, b, scaling, group_size, moved, moved_group):
+    def forward(ctx, g, u, weight, bias, a, b, scaling, group_size):
         m = F.silu(g) * u  # (N, f), freed after forward
         y = F.linear(m, dense_weight(weight, m.dtype), None if bias is None else bias.to(m.dtype))  # (N, d)
         h = None
         if a is not None:
             h = F.linear(_pool(m, group_size), a.to(m.dtype)) * scaling  # (N, r)
             y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.to(m.dtype).t())
-        if moved is not None:  # + S(m) Δmᵀ
-            sums = _group_sums(m, moved_group)  # (N, f/g_w)
-            y.view(-1, y.shape[-1]).addmm_(sums.reshape(-1, sums.shape[-1]), moved.to(m.dtype).t())
         ctx.weight = weight  # a frozen Parameter or a quantized module: a reference, not a copy
         ctx.scaling = scaling
         ctx.group_size = group_size
-        ctx.moved_group = moved_group
-        ctx.save_for_backward(g, u, bias, a, b, h, moved)
+        ctx.save_for_backward(g, u, bias, a, b, h)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        g, u, bias, a, b, h, moved = ctx.saved_tensors
+        g, u, bias, a, b, h = ctx.saved_tensors
         dtype = gy.dtype
         gm = gy @ dense_weight(ctx.weight, dtype)  # (N, f)
-        grad_a = grad_b = grad_bias = grad_moved = None
-        if moved is not None:  # the offsets' part of gm: gy Δm, the same for every member of a group
-            gm.unflatten(-1, (-1, ctx.moved_group)).add_((gy @ moved.to(dtype)).unsqueeze(-1))
+        grad_a = grad_b = grad_bias = None
         if a is not None:
             gh = gy @ b.to(dtype)  # (N, r)
             if ctx.group_size is None:
@@ -105,10 +86,6 @@ class _SwiGLUDown(torch.autograd.Function):
         else:
             sig = torch.sigmoid(g)
             silu = g * sig
-        if moved is not None and ctx.needs_input_grad[8]:
-            sums = _group_sums(silu * u, ctx.moved_group)  # rebuilt, (N, f/g_w)
-            grad_moved = (gy.reshape(-1, gy.shape[-1]).t() @ sums.reshape(-1, sums.shape[-1])).to(moved.dtype)
-            del sums
         if ctx.needs_input_grad[3]:
             grad_bias = gy.reshape(-1, gy.shape[-1]).sum(0).to(bias.dtype)
         grad_u = gm * silu if ctx.needs_input_grad[1] else None
@@ -116,25 +93,20 @@ class _SwiGLUDown(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # silu'(g) = σ (1 + g (1 − σ)): one (N, f) temporary, then in place on it and on sig
             grad_g = gm.mul_(u).mul_(sig.mul_(torch.rsub(sig, 1).mul_(g).add_(1)))
-        return grad_g, grad_u, None, grad_bias, grad_a, grad_b, None, None, grad_moved, None
+        return grad_g, grad_u, None, grad_bias, grad_a, grad_b, None, None
 
 
 def swiglu_down(g: Tensor, u: Tensor, weight, bias: Tensor | None = None,
                 a: Tensor | None = None, b: Tensor | None = None, scaling: float = 1.0,
-                group_size: int | None = None, moved: Tensor | None = None, moved_group: int | None = None) -> Tensor:
-    """y = silu(g)·u Wᵀ + b [+ s·(pool(silu(g)·u) Aᵀ) Bᵀ] [+ S(silu(g)·u) Δmᵀ], saving g, u (and the (N, r) h)
-    only.
+                group_size: int | None = None) -> Tensor:
+    """y = silu(g)·u Wᵀ + b [+ s·(pool(silu(g)·u) Aᵀ) Bᵀ], saving g, u (and the (N, r) h) only.
 
     g, u (..., f); weight (d, f) frozen Tensor or quantized module; a (r, f) — (r, f/g) with a
-    QA-LoRA group_size g — and b (d, r), or None; `moved` (d, f/moved_group): QA-LoRA's offset change
-    over fp16-deployed offsets (`LoraLayer.moved_offset`), its gradient flowing back to A and B.
+    QA-LoRA group_size g — and b (d, r), or None.
     """
     if isinstance(weight, Tensor) and weight.requires_grad:
         raise ValueError("swiglu_down needs a frozen down-projection weight (it computes no weight gradient)")
-    if (moved is None) != (moved_group is None) or (moved is not None and a is not None):
-        raise ValueError("swiglu_down takes either an adapter (a, b) or offset changes (moved with moved_group), "
-                         "not both; moved and moved_group go together")
-    return _SwiGLUDown.apply(g, u, weight, bias, a, b, scaling, group_size, moved, moved_group)
+    return _SwiGLUDown.apply(g, u, weight, bias, a, b, scaling, group_size)
 
 
 def _is_silu(act: nn.Module) -> bool:
@@ -152,8 +124,7 @@ def _fused_mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
             return down(F.silu(g) * u)  # dropout / PiSSA-disabled paths: keep the layer's own forward
         adapter = down.adapter()
         if adapter is not None and adapter.group_size is not None and getattr(weight, "offset_dtype", None):
-            # QA-LoRA against fp16-deployed offsets: the layer's offset change, fused like an adapter
-            return swiglu_down(g, u, weight, down.bias, moved=down.moved_offset(adapter), moved_group=weight.group_size)
+            return down(F.silu(g) * u)  # QA-LoRA against fp16-deployed offsets: the layer's offset_forward
         if adapter is not None and adapter.magnitude is not None:
             return down(F.silu(g) * u)  # DoRA rescales the output channels: the layer's dora_forward
         if adapter is not None:

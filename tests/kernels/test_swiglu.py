@@ -20,20 +20,16 @@ def _inputs(seed=0, n=(2, 5), f=24, d=16, r=4, bias=True):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("adapter", [True, False, "qalora", "offsets"])
+@pytest.mark.parametrize("adapter", [True, False, "qalora"])
 def test_matches_reference_values_and_gradients(bias, adapter):
     g, u, w, b0, a, b = _inputs(bias=bias)
-    group_size = moved = moved_group = None
-    if adapter in (False, "offsets"):
+    group_size = None
+    if not adapter:
         a = b = None
-    if adapter == "qalora":  # A sees the input averaged over groups of 8: (r, f/8)
+    elif adapter == "qalora":  # A sees the input averaged over groups of 8: (r, f/8)
         group_size = 8
         a = a[:, : a.shape[1] // group_size].detach().clone().requires_grad_()
-    if adapter == "offsets":  # QA-LoRA over fp16 offsets: a change per group of 8 weights, (d, f/8)
-        moved_group = 8
-        moved = (torch.randn(w.shape[0], w.shape[1] // 8, generator=torch.Generator().manual_seed(3)) * 0.1
-                 ).requires_grad_()
-    args = [g, u, w, b0, a, b, 0.7, group_size, moved, moved_group]
+    args = [g, u, w, b0, a, b, 0.7, group_size]
     ref_args = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t for t in args]
     y, y_ref = swiglu_down(*args), swiglu_down_reference(*ref_args)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
@@ -59,14 +55,6 @@ def test_refuses_trainable_weight():
         swiglu_down(g, u, w.requires_grad_())
 
 
-def test_refuses_an_adapter_and_offset_changes_together():
-    g, u, w, b0, a, b = _inputs()
-    with pytest.raises(ValueError, match="not both"):
-        swiglu_down(g, u, w, b0, a, b, 1.0, None, torch.zeros(w.shape[0], 3), 8)
-    with pytest.raises(ValueError, match="go together"):
-        swiglu_down(g, u, w, b0, moved=torch.zeros(w.shape[0], 3))
-
-
 def _saved_bytes(model, x):
     total = 0
 
@@ -80,15 +68,14 @@ def _saved_bytes(model, x):
     return total
 
 
-@pytest.mark.parametrize("quantized", [False, "nf4", "qalora", "qalora-fp16-offsets"])
+@pytest.mark.parametrize("quantized", [False, "nf4", "qalora"])
 def test_fused_llama_equals_unfused_and_saves_less(quantized):
     model = tiny_llama()
     group_size = None
     if quantized == "nf4":
         lorakit.quantize_(model, lorakit.NF4Config())
-    elif quantized:  # "qalora", and with fp16 offsets: a GGUF base; the adapter trains the deployed offsets
-        scales = "float16" if quantized.endswith("offsets") else "float32"
-        lorakit.quantize_(model, lorakit.IntNConfig(bits=4, group_size=32, scale_dtype=scales))
+    elif quantized == "qalora":
+        lorakit.quantize_(model, lorakit.IntNConfig(bits=4, group_size=32))
         group_size = 32
     lorakit.inject_adapters(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear", group_size=group_size))
     randomise_trainable_(model, seed=2)
