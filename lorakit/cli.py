@@ -389,9 +389,10 @@ def _llama_cpp_file(args: argparse.Namespace) -> Path | None:
         return None
     if args.run:
         config = read_run_config(args.run)
-        if args.no_adapter:
-            path = config.model.path if is_gguf(config.model.path) else None
-            gguf = (Path(path).expanduser() if path else default_gguf_path()) if is_gguf(config.model.path) else None
+        if args.no_adapter:  # the run's base, when it is a GGUF file
+            gguf = None
+            if is_gguf(config.model.path):
+                gguf = Path(config.model.path).expanduser() if config.model.path else default_gguf_path()
         else:
             gguf = run_gguf(args.run, config)
         if gguf is None and wanted:

@@ -154,11 +154,10 @@ def load_trained(run_dir: str | Path, *, dtype: torch.dtype | None = None):
 MERGED_GGUF = "merged.gguf"
 
 
-def run_gguf(run_dir: str | Path, config=None, model=None) -> Path | None:
+def run_gguf(run_dir: str | Path, config=None) -> Path | None:
     """A GGUF file holding exactly what a QA-LoRA run on a GGUF base trained: RUN_DIR/merged.gguf, the adapter
     merged into the file's own INT-N offsets (lossless), written on first use and again when the adapter is
-    newer than it. None for other runs (their merge into 4 bits would re-quantize: not what was trained).
-    `model`: the run's model with its adapter, when the caller already loaded it (it is merged in place)."""
+    newer than it. None for other runs (their merge into 4 bits would re-quantize: not what was trained)."""
     import lorakit
     from lorakit.models.default import default_gguf_path
     from lorakit.training.run_config import read_run_config
@@ -172,8 +171,7 @@ def run_gguf(run_dir: str | Path, config=None, model=None) -> Path | None:
     newest = max((f.stat().st_mtime for f in adapter.iterdir() if f.is_file()), default=0.0)
     if out.is_file() and out.stat().st_mtime >= newest:
         return out
-    if model is None:
-        model, _, _ = load_trained(run_dir)
+    model, _, _ = load_trained(run_dir)
     lorakit.merge_(model)  # exact: into the INT-N offsets
     lorakit.export_gguf(model, out, template=config.model.path or default_gguf_path(), merged=str(adapter))
     return out
@@ -275,9 +273,8 @@ def count_loss_tokens(batch: dict) -> int:
 def evaluate(model, examples, pad_id: int, batch_size: int = 8, world=None, loss_fn=micro_loss) -> float:
     """Token-weighted mean loss over `examples` (exp of it is the perplexity), in length-sorted batches;
     with several processes each evaluates every P-th batch and the sums are all-reduced."""
-    from lorakit.training.distributed import World
-
     from lorakit.quant.linear import dequantize_once_if_it_fits
+    from lorakit.training.distributed import World
 
     world = world or World()
     was_training = model.training
