@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 import lorakit
+from lorakit.demo import chat_ids
 from lorakit.models.default import default_gguf_path
 from lorakit.quant.linear import dequantize_once
 
@@ -70,9 +71,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     path = default_gguf_path()
     model, tokenizer = lorakit.load_gguf(path)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
-                                         tokenize=False)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    ids = torch.tensor([chat_ids(tokenizer, PROMPT)])  # the prompt `lorakit generate` builds
     result = {"gguf": str(path), "prompt_tokens": ids.shape[1], "new_tokens": args.tokens, "threads": args.threads}
     result["on_the_fly_tok_s"], fly = decode_rate(lambda n: lorakit_generate(model, ids, n, False), args.tokens,
                                                   args.repeats)

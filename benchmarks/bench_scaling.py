@@ -72,22 +72,20 @@ def make_rows(path: Path, lengths: list[int], tokenizer) -> Path:
 
 
 def run_one(size: str, method: str, args) -> dict:
+    import transformers
+
     from lorakit.tasks import make_task
     from lorakit.training import loop
     from lorakit.training.distributed import init_world
-    from lorakit.training.flops import LlamaShape, step_flops
+    from lorakit.training.flops import LlamaShape, gemm_shapes, step_flops
     from lorakit.training.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
     from lorakit.training.run_config import load_config
 
     sys.path.insert(0, str(HERE))
     from bench_roofline import matmul_peak
 
-    from lorakit.training.flops import gemm_shapes
-
     directory = Path(args.work) / size
     lengths = [int(n) for n in args.lengths.split(",")]
-    import transformers
-
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
     rows = make_rows(Path(args.work) / f"rows-{size}-{method}.jsonl", lengths, tokenizer)
     out = Path(tempfile.mkdtemp(prefix=f"scaling-{size}-{method}-"))
@@ -105,7 +103,7 @@ def run_one(size: str, method: str, args) -> dict:
     reset_peak_rss()
     results = []
     for k, n in enumerate(sorted(by_length)):
-        for repeat in range(2 if k == 0 else 1):  # the shortest row twice: the first step warms up
+        for _ in range(2 if k == 0 else 1):  # the shortest row twice: the first step warms up
             run.batch_index = by_length[n]
             before = run.seconds
             loop._step(run)

@@ -215,9 +215,7 @@ def _start(config, resume: bool, progress: bool, task, model, world: World) -> _
     run.metrics = (Report(MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=run.step if checkpoint else -1),
                           trackers) if world.main else None)  # metrics.jsonl, and each tracker of train.report_to
     if valid_examples and run.valid_before is None:
-        start = time.perf_counter()
-        run.valid_before = task.evaluate(model, valid_examples, world)
-        run.valid_seconds += time.perf_counter() - start
+        run.valid_before = _validate(run)
         run.log(0, **run.valid_before)
     run.bar = ProgressBar(total_steps, enabled=progress and world.main, speed_label=task.speed_label)
     run.batches = task.epoch_batches(train_examples, run.epoch, global_batch)
@@ -275,9 +273,7 @@ def _step(run: _Run) -> None:
     run.last_loss = loss_sum / max(n_units, 1)
     _report_step(run, grad_norm, n_units / elapsed if elapsed > 0 else 0.0)
     if run.valid_examples and (_every(run.step, t.eval_every) or run.step == run.total_steps):
-        start = time.perf_counter()
-        run.valid_after = task.evaluate(run.model, run.valid_examples, world)
-        run.valid_seconds += time.perf_counter() - start
+        run.valid_after = _validate(run)
         run.log(run.step, **run.valid_after)
     if _every(run.step, t.save_every) or run.step == run.total_steps:
         rng = world.gather_rng()
@@ -288,6 +284,14 @@ def _step(run: _Run) -> None:
                              "valid_before": run.valid_before, "global_batch": run.global_batch,
                              "processes": world.size}, rng_states=rng)
         world.barrier()
+
+
+def _validate(run: _Run) -> dict:
+    """The task's validation metrics of the model now; the time it takes goes to `run.valid_seconds`."""
+    start = time.perf_counter()
+    metrics = run.task.evaluate(run.model, run.valid_examples, run.world)
+    run.valid_seconds += time.perf_counter() - start
+    return metrics
 
 
 def _report_step(run: _Run, grad_norm: float, speed: float) -> None:
@@ -308,12 +312,12 @@ def _finish(run: _Run) -> TrainResult:
     """Write the adapter, the loss curve and summary.json (rank 0), close the side outputs, return the result."""
     import lorakit
     from lorakit.report.progress import format_bytes
-    from lorakit.training.memory import peak_rss_bytes
+    from lorakit.training.memory import peak_memory_bytes, peak_rss_bytes
 
     world, task = run.world, run.task
     lorakit.unfuse_(run.model)
     peak_rss = peak_rss_bytes()
-    cuda_peak = (torch.cuda.max_memory_allocated(world.device) if world.device.type == "cuda" else None)
+    cuda_peak = peak_memory_bytes(world.device) if world.device.type == "cuda" else None
     per_s = run.seen / run.seconds if run.seconds else 0.0
     result = TrainResult(run.run_dir, run.step, run.last_loss, run.valid_before, run.valid_after, per_s, run.seconds)
     if world.main:
