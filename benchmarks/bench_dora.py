@@ -30,7 +30,7 @@ def run(method: str, out: Path, args) -> dict:
     config = load_config(None, [
         f"method={method}", "model.dtype=float32", f"data.max_tokens={args.max_tokens}", f"output_dir={out}",
         f"train.steps={args.steps}", f"train.batch_size={args.batch}", f"train.lr={args.lr}", "train.warmup_steps=5",
-        "train.eval_every=0", f"train.save_every={args.steps}", "train.seed=0",
+        "train.schedule=cosine", "train.eval_every=0", f"train.save_every={args.steps}", "train.seed=0",
         f"adapter.r={args.r}", f"adapter.alpha={2 * args.r}",
     ])
     result = train(config, progress=False)

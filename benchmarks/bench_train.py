@@ -41,7 +41,8 @@ def run_lorakit(data: Path, out: Path, args) -> dict:
     config = load_config(None, [
         "method=lora", "model.dtype=float32", f"data.train={data}", "data.valid_fraction=0", f"data.max_tokens={args.max_tokens}",
         f"output_dir={out}", f"train.steps={args.steps}", f"train.batch_size={args.batch}", "train.lr=2e-4",
-        "train.warmup_steps=2", "train.eval_every=0", f"train.save_every={args.steps}", "adapter.r=16", "adapter.alpha=32",
+        "train.warmup_steps=2", "train.schedule=cosine", "train.eval_every=0",
+        f"train.save_every={args.steps}", "adapter.r=16", "adapter.alpha=32",
     ])
     result = train(config, progress=False)
     return {"useful_tokens": round(result.useful_tokens_per_s * result.seconds), "seconds": result.seconds,

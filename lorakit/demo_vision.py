@@ -152,7 +152,8 @@ def detection_run(out: Path, steps: int, progress: bool) -> dict:
     data = make_detection_scenes(out / "scenes", {"train": 400, "val": 64}, seed=0)
     result = _train(["task=object-detection", f"output_dir={out / 'detect'}", f"data.train={data}",
                      "data.image_size=128", f"train.steps={steps}", "train.batch_size=8", "train.lr=2e-3",
-                     "train.warmup_steps=5", f"train.eval_every={steps}", f"train.save_every={steps}", "adapter.r=8"],
+                     "train.warmup_steps=5", "train.schedule=cosine", f"train.eval_every={steps}",
+                     f"train.save_every={steps}", "adapter.r=8"],
                     progress)
     model, task, _ = load_vision_run(result.run_dir)
     pictures = []
@@ -174,7 +175,7 @@ def classification_swap(out: Path, steps: int, progress: bool) -> dict:
                              f"data.train={source}", "data.image_size=64", "data.max_examples=4000",
                              f"data.max_valid_examples={VALID_IMAGES}",
                              f"train.steps={steps}", "train.batch_size=32", "train.lr=2e-3", "train.warmup_steps=5",
-                             f"train.eval_every={steps}", f"train.save_every={steps}", "adapter.r=8"], progress).run_dir
+                             "train.schedule=cosine", f"train.eval_every={steps}", f"train.save_every={steps}", "adapter.r=8"], progress).run_dir
     data = {name: [f"data.train={source}", f"data.max_valid_examples={VALID_IMAGES}"] for name, source in DATASETS}
     model, fine = load_vision_adapter(runs["fine"] / "adapter", name="fine", overrides=data["fine"])
     _, coarse = load_vision_adapter(runs["coarse"] / "adapter", name="coarse", model=model, overrides=data["coarse"])

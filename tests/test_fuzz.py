@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import lorakit
-from lorakit.data.batching import collate, length_grouped_batches, pack
+from lorakit.data.batching import collate, length_grouped_batches, pack, random_batches
 from lorakit.data.records import ROLES, Dataset, read_records
 from lorakit.data.render import IGNORE, Example
 from lorakit.formats.peft import (
@@ -398,6 +398,17 @@ def test_length_grouped_batches_partition_the_indices_deterministically(lengths,
     assert all(1 <= len(b) <= batch_size for b in batches)
     assert sum(len(b) < batch_size for b in batches) <= 1  # only the last mega-chunk can leave a short batch
     assert batches == length_grouped_batches(exs, batch_size, seed, epoch)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 120), batch_size=st.integers(1, 9), seed=st.integers(0, 2**32), epoch=st.integers(0, 20))
+def test_random_batches_partition_the_indices_deterministically(n, batch_size, seed, epoch):
+    batches = random_batches(n, batch_size, seed, epoch)
+    assert sorted(i for b in batches for i in b) == list(range(n))
+    assert all(len(b) == batch_size for b in batches[:-1]) and all(1 <= len(b) <= batch_size for b in batches)
+    assert batches == random_batches(n, batch_size, seed, epoch)
+    if n >= 20:  # another epoch, another order
+        assert batches != random_batches(n, batch_size, seed, epoch + 1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -61,12 +61,13 @@ def test_defaults():
     assert (config.method, config.output_dir, config.model.path, config.model.dtype) == ("qalora", "runs/lorakit", None, "auto")
     assert (config.data.train, config.data.valid, config.data.valid_fraction, config.data.shape) == (None, None, 0.05, "auto")
     assert (config.data.max_tokens, config.data.train_on_prompt, config.data.packing) == (512, False, False)
+    assert config.data.group_by_length
     a = config.adapter
     assert (a.r, a.alpha, a.dropout, a.target_modules, a.exclude_modules) == (16, 32.0, 0.0, "all-linear", None)
     assert (a.use_rslora, a.group_size, a.bits, a.quant_method) == (False, 32, 4, "rtn")
     t = config.train
     assert (t.steps, t.epochs, t.batch_size, t.grad_accum, t.lr, t.weight_decay) == (None, 1.0, 8, 1, 2e-4, 0.0)
-    assert (t.warmup_steps, t.schedule, t.max_grad_norm, t.gradient_checkpointing) == (10, "cosine", 1.0, False)
+    assert (t.warmup_steps, t.schedule, t.max_grad_norm, t.gradient_checkpointing) == (10, "constant", 1.0, False)
     assert (t.eval_every, t.save_every, t.log_every, t.seed) == (50, 50, 1, 0)
 
 
@@ -268,6 +269,7 @@ VALID = {  # an independent statement of what each key accepts
     "data.max_tokens": st.integers(2, 10**9),
     "data.train_on_prompt": st.booleans(),
     "data.packing": st.booleans(),
+    "data.group_by_length": st.booleans(),
     "adapter.r": st.integers(1, 10**6),
     "adapter.alpha": floats(0, exclude_low=True),
     "adapter.dropout": floats(0, 1, exclude_high=True),

@@ -116,6 +116,19 @@ def test_zero_eval_and_save_intervals_mean_only_at_the_start_and_end(assets, tmp
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000005"]
 
 
+def test_max_grad_norm_zero_turns_clipping_off(assets, tmp_path):
+    # 0 means "never clip" (the documented meaning), not "clip to norm 0", which zeroed every update
+    model_dir, data = assets
+    adapters = []
+    for name, norm in (("off", "0"), ("huge", "1e9")):
+        config = load_config(None, tiny_run_overrides(model_dir, data, tmp_path / name, "lora", steps=3)
+                             + [f"train.max_grad_norm={norm}"])
+        train(config, progress=False)
+        adapters.append(adapter_tensors(tmp_path / name))
+    assert any(t.abs().max() > 0 for k, t in adapters[0].items() if "lora_B" in k)  # it learned
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
 def test_an_existing_run_is_never_overwritten(assets, tmp_path):
     model_dir, data = assets
     config = load_config(None, tiny_run_overrides(model_dir, data, tmp_path / "run", "lora", steps=2))

@@ -74,6 +74,16 @@ def length_grouped_batches(examples: Sequence[Example], batch_size: int, seed: i
     return batches
 
 
+def random_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Indices 0..n-1 shuffled and cut into batches (no length grouping); the same (seed, epoch) gives the
+    same batches. Each batch pads to its longest row, so this costs more compute than length grouping."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    order = list(range(n))
+    random.Random(f"{seed}/{epoch}").shuffle(order)
+    return [order[k: k + batch_size] for k in range(0, n, batch_size)]
+
+
 def pack(examples: Sequence[Example], max_tokens: int) -> list[Packed]:
     """Whole examples concatenated into rows of <= max_tokens tokens, greedy first-fit in the given order."""
     lengths = [len(e.input_ids) for e in examples]

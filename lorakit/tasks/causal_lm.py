@@ -2,7 +2,7 @@
 
     examples   Example(input_ids, labels) per row (`lorakit.data.render`); labels are -100 on prompt and
                padding positions, so only answer tokens carry a loss
-    batches    length-grouped (or packed, `data.packing`) rows of one epoch (`lorakit.data.batching`)
+    batches    length-grouped (`data.group_by_length`; or packed, `data.packing`) rows of one epoch (`lorakit.data.batching`)
     loss       mean cross-entropy over the loss-bearing tokens of the batch (`lorakit.tasks.losses`):
 
                    loss = - 1/N · Σ_{t: labels[t+1] != -100} log p(labels[t+1] | ids[≤t])
@@ -241,9 +241,11 @@ def epoch_batches(examples, config, epoch: int, batch_size: int | None = None) -
     batch_size = batch_size or t.batch_size
     if config.data.packing:
         rows = batching.pack(examples, config.data.max_tokens)
-        order = batching.length_grouped_batches(rows, batch_size, t.seed, epoch)
-        return [[rows[i] for i in batch] for batch in order]
-    order = batching.length_grouped_batches(examples, batch_size, t.seed, epoch)
+        examples = rows
+    if config.data.group_by_length:
+        order = batching.length_grouped_batches(examples, batch_size, t.seed, epoch)
+    else:
+        order = batching.random_batches(len(examples), batch_size, t.seed, epoch)
     return [[examples[i] for i in batch] for batch in order]
 
 

@@ -65,7 +65,9 @@ class DataConfig:
     standard-library docstring pairs. `valid`: a file, or None to hold out `valid_fraction` of
     `train` (the embedded dataset has its own held-out modules). `shape` "auto" infers text,
     instruction or chat rows from the columns. `max_tokens` truncates each example; `packing`
-    concatenates examples into rows of `max_tokens`; `train_on_prompt` keeps the loss on prompts.
+    concatenates examples into rows of `max_tokens`; `train_on_prompt` keeps the loss on prompts;
+    `group_by_length` batches rows of similar lengths (less padding; as good a fine-tune as random batches
+    with a constant lr in `benchmarks/bench_quality.py`), or uniformly random rows when false.
 
     For image tasks, `train`/`valid` name an ImageFolder directory, an IDX file or "fashion-mnist"
     (image-classification; `lorakit.tasks.image_classification`) or a YOLO data.yaml (object-detection);
@@ -79,6 +81,7 @@ class DataConfig:
     max_tokens: int = _setting(512, ge=2)
     train_on_prompt: bool = False
     packing: bool = False
+    group_by_length: bool = True
     image_size: int | None = _setting(None, ge=16)
     augment: bool = True
     max_examples: int | None = _setting(None, ge=1)
@@ -117,7 +120,9 @@ class AdapterConfig:
 @dataclass
 class TrainConfig:
     """The optimisation. `steps` (optimizer steps) wins over `epochs` when set. One step sees
-    batch_size * grad_accum examples. `max_grad_norm` 0 turns clipping off; `eval_every` 0 never
+    batch_size * grad_accum examples. `schedule`: the lr after `warmup_steps` of linear warmup, "constant"
+    by default (at a fixed budget of steps it beat decaying to 0: `benchmarks/bench_quality.py`), or "cosine" /
+    "linear" decay to 0 at the last step. `max_grad_norm` 0 turns clipping off; `eval_every` 0 never
     evaluates during training; `save_every` 0 saves a checkpoint only at the end. Under torchrun,
     `batch_size` is per process and `fsdp` shards the frozen base's decoder blocks over the processes
     (`lorakit.training.fsdp`). `report_to` also sends the logged numbers to these trackers (`lorakit.report.trackers`;
@@ -130,7 +135,7 @@ class TrainConfig:
     lr: float = _setting(2e-4, gt=0)
     weight_decay: float = _setting(0.0, ge=0)
     warmup_steps: int = _setting(10, ge=0)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant"] = "constant"
     max_grad_norm: float = _setting(1.0, ge=0)
     gradient_checkpointing: bool = False
     fsdp: bool = False
@@ -169,7 +174,7 @@ class RunConfig:
             self.adapter.target_modules = "all-conv" if image_task else "all-linear"
         d, default = self.data, DataConfig()
         if image_task:
-            text_only = [k for k in ("shape", "max_tokens", "train_on_prompt", "packing")
+            text_only = [k for k in ("shape", "max_tokens", "train_on_prompt", "packing", "group_by_length")
                          if getattr(d, k) != getattr(default, k)]
             if text_only or self.method not in ("lora", "dora"):
                 what = f"data.{text_only[0]}" if text_only else f"method={self.method}"
