@@ -16,10 +16,11 @@ A run reads a `RunConfig` (`lorakit.training.run_config`) and writes, under ``ou
 The task supplies the examples, batches, loss and metrics and the loop never looks inside them; a
 "unit" below is what the task's loss averages over (a causal LM's loss-bearing tokens, images).
 One optimizer step = `grad_accum` micro-batches of `batch_size` examples. The loss of a step is the
-mean over all units of its micro-batches (each micro-batch's mean loss is weighted by its unit count), so accumulation gives the same gradient as one big batch. lr: linear warmup over
-`warmup_steps`, then constant (the default) or cosine (or linear) decay to 0 at the last step. Gradients
-are clipped to `max_grad_norm` (0: never). The batch order of each epoch is a pure function of (seed, epoch), so a checkpoint
-holds the data position as (epoch, batch index) and `resume` continues with the same batches, the same
+mean over all units of its micro-batches (each micro-batch's mean loss is weighted by its unit count), so
+accumulation gives the same gradient as one big batch. lr: linear warmup over `warmup_steps`, then constant
+(the default) or cosine (or linear) decay to 0 at the last step. Gradients are clipped to `max_grad_norm`
+(0: never). The batch order of each epoch is a pure function of (seed, epoch), so a checkpoint holds the
+data position as (epoch, batch index) and `resume` continues with the same batches, the same
 dropout masks (RNG restored) and the same optimizer state: a run killed with SIGKILL and resumed ends
 with the adapter an uninterrupted run ends with. A non-finite loss stops the run before the optimizer
 step, keeping the last good checkpoint.
