@@ -61,6 +61,7 @@ def make_data(out: Path, n_train: int = 500) -> tuple[Path, Path]:
     """train.jsonl (n_train rows: the default training modules and a few more, seeded shuffle) and valid.jsonl
     (every row of the held-out validation modules) in `out`."""
     from lorakit.data.stdlib_docs import TRAIN_MODULES, VALID_MODULES, docstring_pairs
+    from lorakit.io import write_text
 
     pairs = docstring_pairs(TRAIN_MODULES + EXTRA_MODULES)
     random.Random(0).shuffle(pairs)
@@ -69,7 +70,7 @@ def make_data(out: Path, n_train: int = 500) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = out / "train.jsonl", out / "valid.jsonl"
     for path, rows in zip(paths, (pairs[:n_train], docstring_pairs(VALID_MODULES))):
-        path.write_text("".join(json.dumps({"instruction": q, "input": "", "output": a}) + "\n" for q, a in rows))
+        write_text(path, "".join(json.dumps({"instruction": q, "input": "", "output": a}) + "\n" for q, a in rows))
     return paths
 
 
@@ -91,6 +92,7 @@ def plain_script(train_path: Path, out: Path, seed: int) -> dict:
     from lorakit.data import batching, records, render
     from lorakit.models.default import default_gguf_path
     from lorakit.quant.intn import IntNWeight
+    from lorakit.tasks.causal_lm import pad_id_of
 
     torch.manual_seed(seed)
     model, tok = lorakit.load_gguf(default_gguf_path(), torch.float32, quantized=True)
@@ -101,7 +103,7 @@ def plain_script(train_path: Path, out: Path, seed: int) -> dict:
     examples, _ = render.encode(tok, records.read_records(str(train_path), "auto"), 384, False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id_of(tok)
     order, rng = [], random.Random(seed)
     model.train()
     start, tokens = time.perf_counter(), 0
@@ -132,7 +134,7 @@ def run_one(name: str, seed: int, work: Path) -> dict:
     from lorakit.training.loop import train
     from lorakit.training.run_config import load_config
 
-    train_path, valid_path = make_data(work / "data")
+    train_path, valid_path = work / "data" / "train.jsonl", work / "data" / "valid.jsonl"  # made once by main
     out = work / f"{name.replace(' ', '-')}-seed{seed}"
     shutil.rmtree(out, ignore_errors=True)  # a fresh run every time
     if name == "base":
@@ -178,6 +180,7 @@ def main() -> None:
     unknown = [v for v in names if v != "base" and v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant {unknown[0]!r}; choose from base, {', '.join(VARIANTS)}")
+    make_data(Path(args.work) / "data")
     rows = []
     for name in names:
         for seed in ([0] if name == "base" else [int(s) for s in args.seeds.split(",")]):
@@ -191,7 +194,9 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "budget": BUDGET, "rows": rows}
-    Path(args.out).write_text(json.dumps(info, indent=1) + "\n")
+    from lorakit.io import write_json
+
+    write_json(args.out, info)
     print(f"wrote {args.out}")
 
 

@@ -2,7 +2,8 @@
 
     examples   Example(input_ids, labels) per row (`lorakit.data.render`); labels are -100 on prompt and
                padding positions, so only answer tokens carry a loss
-    batches    length-grouped (`data.group_by_length`; or packed, `data.packing`) rows of one epoch (`lorakit.data.batching`)
+    batches    length-grouped (or random, `data.group_by_length`; or packed, `data.packing`) rows of one
+               epoch (`lorakit.data.batching`)
     loss       mean cross-entropy over the loss-bearing tokens of the batch (`lorakit.tasks.losses`):
 
                    loss = - 1/N · Σ_{t: labels[t+1] != -100} log p(labels[t+1] | ids[≤t])
@@ -240,8 +241,7 @@ def epoch_batches(examples, config, epoch: int, batch_size: int | None = None) -
     t = config.train
     batch_size = batch_size or t.batch_size
     if config.data.packing:
-        rows = batching.pack(examples, config.data.max_tokens)
-        examples = rows
+        examples = batching.pack(examples, config.data.max_tokens)
     if config.data.group_by_length:
         order = batching.length_grouped_batches(examples, batch_size, t.seed, epoch)
     else:
