@@ -87,8 +87,9 @@ def _label(cls, method: str, label: str) -> None:
     setattr(cls, method, wrapped)
 
 
-def _buckets(prof, r: int, vocab: int) -> dict[str, float]:
-    """Seconds per bucket: every operator's self time, by what it is or the labelled range it runs in."""
+def _buckets(prof, adapter_dims: set[int], vocab: int) -> dict[str, float]:
+    """Seconds per bucket: every operator's self time, by what it is or the labelled range it runs in. A matmul
+    with a dimension in `adapter_dims` (r; for QA-LoRA also each layer's group count in/g) is an adapter's."""
     out: dict[str, float] = defaultdict(float)
     matmuls = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
     for event in prof.events():
@@ -109,7 +110,7 @@ def _buckets(prof, r: int, vocab: int) -> dict[str, float]:
             out["optimizer + clipping"] += seconds
         elif event.name in matmuls:
             dims = {d for shape in event.input_shapes for d in shape}
-            out["output layer + loss" if vocab in dims else "adapter matmuls" if r in dims
+            out["output layer + loss" if vocab in dims else "adapter matmuls" if dims & adapter_dims
                 else "base matmuls"] += seconds
         elif "scaled_dot_product" in chain or "flash_attention" in chain:
             out["attention"] += seconds
@@ -151,6 +152,7 @@ def run_one(method: str, dtype: str, args) -> dict:
     task = make_task(config)
     run = loop._start(config, False, False, task, None, world)
     r = args.r
+    group_size = config.adapter.group_size if method == "qalora" else None  # QA-LoRA's A reads group means
     shape = LlamaShape.of(run.model.config)
     for _ in range(args.warmup):
         loop._step(run)
@@ -165,7 +167,7 @@ def run_one(method: str, dtype: str, args) -> dict:
         before = run.seconds
         loop._step(run)
         seconds = run.seconds - before
-        flops = step_flops(shape, lengths, loss_tokens, r)
+        flops = step_flops(shape, lengths, loss_tokens, r, group_size=group_size)
         steps.append({"seconds": seconds, "tokens": sum(lengths), "padded_tokens": max(lengths) * len(lengths),
                       "loss_tokens": loss_tokens, "flops": flops})
     train_peak = peak_rss_bytes()  # before the profiler adds its own records
@@ -180,7 +182,8 @@ def run_one(method: str, dtype: str, args) -> dict:
         start = time.perf_counter()
         loop._step(run)
         wall = time.perf_counter() - start
-    buckets = _buckets(prof, r, shape.vocab_size)
+    adapter_dims = {r} | ({a // group_size for a, _ in shape.linears().values()} if group_size else set())
+    buckets = _buckets(prof, adapter_dims, shape.vocab_size)
     buckets["Python (no operator)"] = max(wall - sum(buckets.values()), 0.0)
     dtype_ = run.dtype
     peak = max(peak_before, matmul_peak(gemms, dtype_))

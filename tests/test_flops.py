@@ -12,12 +12,16 @@ from lorakit.training.flops import LlamaShape, gemm_shapes, step_flops
 from tests.tiny_models import VOCAB, tiny_llama
 
 
+@pytest.mark.parametrize("group_size", [None, 16])
 @pytest.mark.parametrize("targets", [None, ("q_proj", "v_proj"), ("gate_proj", "down_proj")])
-def test_step_flops_equal_pytorchs_count(targets):
+def test_step_flops_equal_pytorchs_count(targets, group_size):
     model = tiny_llama(layers=3)
     model.config._attn_implementation = "eager"  # attention as plain matmuls, which the counter sees
     r = 4
-    lorakit.inject_adapters(model, lorakit.LoraConfig(r=r, alpha=8, target_modules=list(targets) if targets else "all-linear"))
+    if group_size:  # QA-LoRA: an INT-N base (dequantized on the fly), A over the group means
+        lorakit.quantize_(model, lorakit.IntNConfig(bits=4, group_size=group_size))
+    lorakit.inject_adapters(model, lorakit.LoraConfig(r=r, alpha=8, group_size=group_size,
+                                                      target_modules=list(targets) if targets else "all-linear"))
     model.train()
     ids = torch.randint(0, VOCAB, (3, 20))
     labels = ids.clone()
@@ -31,7 +35,7 @@ def test_step_flops_equal_pytorchs_count(targets):
         loss.backward()
     n_loss = int((labels[:, 1:] != -100).sum())
     # eager attention computes the masked half too: causal=False
-    expected = step_flops(LlamaShape.of(model.config), [20] * 3, n_loss, r, targets, causal=False)
+    expected = step_flops(LlamaShape.of(model.config), [20] * 3, n_loss, r, targets, causal=False, group_size=group_size)
     assert counter.get_total_flops() == expected["total"]
     assert expected["adapter"] > 0 and expected["attention"] > 0 and expected["output"] > 0
 

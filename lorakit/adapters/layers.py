@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.adapters.config import LoraConfig
-from lorakit.quant.linear import dense_weight, linear
+from lorakit.quant.linear import dense_weight, linear, offset_linear
 from lorakit.adapters.walk import layer_kind
 
 
@@ -304,13 +304,19 @@ class LoraLayer(nn.Module):
 
         Equal to s · B A pool(drop(x)) wherever fp16 holds m + δ exactly."""
         weight = self.weight
+        moved = self.moved_offset(adapter)
+        sums = adapter.dropout(x).unflatten(-1, (-1, weight.group_size)).sum(-1)  # (..., in/g_w)
+        return F.linear(sums, moved.to(sums.dtype))
+
+    def moved_offset(self, adapter: LoraAdapter) -> torch.Tensor:
+        """Δm (out, in/g_w), float32: the offset change QA-LoRA's δ = s · (B A) / g_a makes in the deployed
+        offsets (`IntNWeight.moved_offset`), differentiable in A and B (straight-through)."""
+        weight = self.weight
         k = adapter.group_size // weight.group_size
         delta = (adapter.scaling * (adapter.B.float() @ adapter.A.float())) / adapter.group_size  # (out, in/g_a)
         if k > 1:
             delta = delta.repeat_interleave(k, dim=1)  # (out, in/g_w)
-        moved = weight.moved_offset(delta)
-        sums = adapter.dropout(x).unflatten(-1, (-1, weight.group_size)).sum(-1)  # (..., in/g_w)
-        return F.linear(sums, moved.to(sums.dtype))
+        return weight.moved_offset(delta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.routes is not None:
@@ -331,6 +337,13 @@ class LoraLayer(nn.Module):
             else:
                 out = out + self.adapter_forward(adapter, rows)
             return out.view(*x.shape[:-1], out.shape[-1])
+        if (adapter is not None and self.kind == "linear" and not self.transposed and not self.disabled
+                and adapter.magnitude is None and adapter.group_size is not None
+                and getattr(self.weight, "offset_dtype", None)
+                and (isinstance(adapter.dropout, nn.Identity) or not adapter.dropout.training)):
+            # QA-LoRA on deployed offsets: the base with its offsets moved, in one GEMM (offset_linear), which
+            # is what the merged file computes; offset_forward (the update alone) equals it in exact arithmetic.
+            return offset_linear(x, self.weight, self.bias, self.moved_offset(adapter))
         out = self.base_forward(x)
         if adapter is None:
             return out

@@ -21,6 +21,9 @@ Backward, with gy = dL/dy (N, d), σ = sigmoid(g), silu(g) = g σ, silu'(g) = σ
 QA-LoRA adapters (group_size g) see m averaged over groups, P m (N, f/g): then h = s · (P m) Aᵀ,
 dL/dA = s · ghᵀ (P m), and the adapter's part of gm is s · (gh A) spread over each group / g.
 
+QA-LoRA on deployed offsets (`moved` = Δm (d, f/g), `lorakit.quant.linear.offset_linear`) has no A, B here:
+W's offsets move by Δm, y = m Ŵ'ᵀ + b, saving also S = Σ_{j∈G} m_j (N, f/g); gm = gy Ŵ', dL/dΔm = gyᵀ S.
+
 `swiglu_down_reference` is the plain-autograd version it must match.
 """
 
@@ -39,19 +42,28 @@ def _pool(m: Tensor, group_size: int | None) -> Tensor:
 
 
 def swiglu_down_reference(g: Tensor, u: Tensor, weight, bias: Tensor | None,
-                          a: Tensor | None, b: Tensor | None, scaling: float, group_size: int | None = None) -> Tensor:
+                          a: Tensor | None, b: Tensor | None, scaling: float, group_size: int | None = None,
+                          moved: Tensor | None = None) -> Tensor:
     m = F.silu(g) * u
     y = F.linear(m, dense_weight(weight, m.dtype), None if bias is None else bias.to(m.dtype))
     if a is not None:
         y = y + F.linear(F.linear(_pool(m, group_size), a.to(m.dtype)) * scaling, b.to(m.dtype))
+    if moved is not None:  # the offsets' change times each group's sum of m
+        y = y + F.linear(m.unflatten(-1, (-1, weight.group_size)).sum(-1), moved.to(m.dtype))
     return y
+
+
+def _down_weight(weight, dtype: torch.dtype, moved: Tensor | None) -> Tensor:
+    return dense_weight(weight, dtype) if moved is None else weight.dequantize(dtype, moved)
 
 
 class _SwiGLUDown(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, g, u, weight, bias, a, b, scaling, group_size):
+    def forward(ctx, g, u, weight, bias, a, b, scaling, group_size, moved):
         m = F.silu(g) * u  # (N, f), freed after forward
-        y = F.linear(m, dense_weight(weight, m.dtype), None if bias is None else bias.to(m.dtype))  # (N, d)
+        moved = None if moved is None else moved.detach()
+        y = F.linear(m, _down_weight(weight, m.dtype, moved), None if bias is None else bias.to(m.dtype))  # (N, d)
+        sums = m.unflatten(-1, (-1, weight.group_size)).sum(-1) if ctx.needs_input_grad[8] else None  # (N, f/g)
         h = None
         if a is not None:
             h = F.linear(_pool(m, group_size), a.to(m.dtype)) * scaling  # (N, r)
@@ -59,15 +71,17 @@ class _SwiGLUDown(torch.autograd.Function):
         ctx.weight = weight  # a frozen Parameter or a quantized module: a reference, not a copy
         ctx.scaling = scaling
         ctx.group_size = group_size
-        ctx.save_for_backward(g, u, bias, a, b, h)
+        ctx.save_for_backward(g, u, bias, a, b, h, moved, sums)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        g, u, bias, a, b, h = ctx.saved_tensors
+        g, u, bias, a, b, h, moved, sums = ctx.saved_tensors
         dtype = gy.dtype
-        gm = gy @ dense_weight(ctx.weight, dtype)  # (N, f)
-        grad_a = grad_b = grad_bias = None
+        gm = gy @ _down_weight(ctx.weight, dtype, moved)  # (N, f)
+        grad_a = grad_b = grad_bias = grad_moved = None
+        if ctx.needs_input_grad[8]:
+            grad_moved = (gy.reshape(-1, gy.shape[-1]).t() @ sums.reshape(-1, sums.shape[-1])).to(moved.dtype)
         if a is not None:
             gh = gy @ b.to(dtype)  # (N, r)
             if ctx.group_size is None:
@@ -93,20 +107,23 @@ class _SwiGLUDown(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # silu'(g) = σ (1 + g (1 − σ)): one (N, f) temporary, then in place on it and on sig
             grad_g = gm.mul_(u).mul_(sig.mul_(torch.rsub(sig, 1).mul_(g).add_(1)))
-        return grad_g, grad_u, None, grad_bias, grad_a, grad_b, None, None
+        return grad_g, grad_u, None, grad_bias, grad_a, grad_b, None, None, grad_moved
 
 
 def swiglu_down(g: Tensor, u: Tensor, weight, bias: Tensor | None = None,
                 a: Tensor | None = None, b: Tensor | None = None, scaling: float = 1.0,
-                group_size: int | None = None) -> Tensor:
+                group_size: int | None = None, moved: Tensor | None = None) -> Tensor:
     """y = silu(g)·u Wᵀ + b [+ s·(pool(silu(g)·u) Aᵀ) Bᵀ], saving g, u (and the (N, r) h) only.
 
     g, u (..., f); weight (d, f) frozen Tensor or quantized module; a (r, f) — (r, f/g) with a
-    QA-LoRA group_size g — and b (d, r), or None.
+    QA-LoRA group_size g — and b (d, r), or None. `moved` (d, f/g), float32, with an INT-N weight and no
+    a, b: QA-LoRA's offset change on deployed offsets, y = silu(g)·u Ŵ'ᵀ + b over the moved grid.
     """
     if isinstance(weight, Tensor) and weight.requires_grad:
         raise ValueError("swiglu_down needs a frozen down-projection weight (it computes no weight gradient)")
-    return _SwiGLUDown.apply(g, u, weight, bias, a, b, scaling, group_size)
+    if moved is not None and (a is not None or not hasattr(weight, "group_size")):
+        raise ValueError("swiglu_down: `moved` offsets need a group-wise INT-N weight and no a, b")
+    return _SwiGLUDown.apply(g, u, weight, bias, a, b, scaling, group_size, moved)
 
 
 def _is_silu(act: nn.Module) -> bool:
@@ -123,8 +140,9 @@ def _fused_mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
         if down.transposed or (down.active is not None and (down.disabled or not isinstance(down.lora[down.active].dropout, nn.Identity))):
             return down(F.silu(g) * u)  # dropout / PiSSA-disabled paths: keep the layer's own forward
         adapter = down.adapter()
-        if adapter is not None and adapter.group_size is not None and getattr(weight, "offset_dtype", None):
-            return down(F.silu(g) * u)  # QA-LoRA against fp16-deployed offsets: the layer's offset_forward
+        if adapter is not None and adapter.magnitude is None and adapter.group_size is not None and getattr(weight, "offset_dtype", None):
+            # QA-LoRA against fp16-deployed offsets: the down projection over the moved grid
+            return swiglu_down(g, u, weight, down.bias, moved=down.moved_offset(adapter))
         if adapter is not None and adapter.magnitude is not None:
             return down(F.silu(g) * u)  # DoRA rescales the output channels: the layer's dora_forward
         if adapter is not None:

@@ -9,6 +9,7 @@ heads of size h_d, vocabulary V and adapters of rank r on the linear layers in `
                                             which need no gradient, so they have no input gradient)
     its adapter (A: r x in, B: out x r):    forward 2·N·r·(in+out), backward 4·N·r·(in+out)
                                             (∂B, ∂h, ∂A, ∂x: four GEMMs of the forward's size)
+    a QA-LoRA adapter (group_size g):       the same with in/g for in (A: r x in/g reads the group means)
     attention per layer and row:            forward 4·T²·H·h_d (QKᵀ and PV), backward twice that;
                                             causal: half of it is needed (the masked half is not work)
     output layer (frozen, only at loss tokens, as lorakit's chunked cross-entropy):
@@ -61,10 +62,11 @@ class LlamaShape:
 
 
 def step_flops(shape: LlamaShape, lengths: list[int], loss_tokens: int, r: int,
-               targets: tuple[str, ...] | None = None, causal: bool = True) -> dict[str, float]:
+               targets: tuple[str, ...] | None = None, causal: bool = True,
+               group_size: int | None = None) -> dict[str, float]:
     """The FLOPs of one forward + backward over rows of `lengths` tokens (see the module docstring), by part:
     ``base`` (frozen linear layers), ``adapter``, ``attention``, ``output`` and ``total``. `targets`: the
-    adapted layer names (None: all seven linear layers).
+    adapted layer names (None: all seven linear layers); `group_size`: QA-LoRA's (None: LoRA).
 
     Backward computes a gradient only for tensors that depend on an adapter: the decoder's input (the
     embeddings) does not, so the first layer's projections have no input gradient, and where a first-layer
@@ -87,7 +89,8 @@ def step_flops(shape: LlamaShape, lengths: list[int], loss_tokens: int, r: int,
         adapted = name in targets
         parts["base"] += 2 * n * a * b * (2 if needs_grad else 1)
         if adapted:  # forward A, B; backward ∂B, ∂h, ∂A always, ∂x through A when x needs it
-            parts["adapter"] += 2 * n * r * (a + b) + 2 * n * r * (2 * b + a) + (2 * n * r * a if needs_grad else 0)
+            a_in = a // group_size if group_size else a  # QA-LoRA's A reads the (N, in/g) group means
+            parts["adapter"] += 2 * n * r * (a_in + b) + 2 * n * r * (2 * b + a_in) + (2 * n * r * a_in if needs_grad else 0)
         return needs_grad or adapted
 
     stream = False  # whether the residual stream depends on an adapter yet

@@ -118,7 +118,7 @@ def test_qalora_merge_moves_only_offsets(tmp_path):
     assert (unmerged - base).abs().max() > 1e-2  # the adapter changes the model
     lorakit.merge_(model)
     merged = logits(model, ids())
-    torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-4)
+    assert torch.equal(merged, unmerged)  # trained on the moved offsets themselves: the merge is bit for bit
     report = export_gguf(model, tmp_path / "ft.gguf", merged="test adapter")
     before, after = tensor_bytes(src), tensor_bytes(tmp_path / "ft.gguf")
     assert before.keys() == after.keys()
@@ -163,6 +163,39 @@ def test_offsets_train_against_their_fp16_rounding(tmp_path):
         adapter.B.mul_(1e6)
     exact = layer.base_forward(x) + layer.adapter_forward(adapter, x)  # s · B A pool(x), float32 offsets
     assert 0 < (layer(x) - exact).abs().max() < 1e-2  # differs only by the offsets' fp16 rounding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_moved_offsets_in_one_gemm_equal_base_plus_update(tmp_path, dtype):
+    """Training runs QA-LoRA on deployed offsets as one GEMM over the moved grid (`offset_linear`); it equals
+    the base output plus the update through the group sums (`offset_forward`), forward and every gradient,
+    with a bias and with adapter groups coarser than the weight's."""
+    from lorakit.adapters.layers import LoraLayer
+    from lorakit.quant.linear import QuantizedLinear
+
+    gen = torch.Generator().manual_seed(0)
+    weight = IntNWeight.from_float(torch.randn(48, 128, generator=gen), 4, 32, torch.float16)
+    layer = LoraLayer(QuantizedLinear(weight, torch.randn(48, generator=gen)))
+    layer.bias.requires_grad_(True)
+    layer.add_adapter("a", lorakit.LoraConfig(r=4, alpha=8, group_size=64))
+    layer.active = "a"
+    adapter = layer.adapter()
+    with torch.no_grad():
+        adapter.B.copy_(torch.randn(adapter.B.shape, generator=gen) * 0.3)
+    x = torch.randn(2, 5, 128, generator=gen, dtype=dtype, requires_grad=True)
+    grad_y = torch.randn(2, 5, 48, generator=gen, dtype=dtype)
+    results = []
+    for forward in (layer, lambda x: layer.base_forward(x) + layer.offset_forward(adapter, x)):
+        y = forward(x)
+        y.backward(grad_y)
+        results.append([y.detach()] + [t.grad.clone() for t in (x, adapter.A, adapter.B, layer.bias)])
+        for t in (x, adapter.A, adapter.B, layer.bias):
+            t.grad = None
+    tol = 1e-5 if dtype == torch.float32 else 1e-6  # the weight's grid is float32 in both
+    for name, fused, reference in zip(("y", "dL/dx", "dL/dA", "dL/dB", "dL/db"), *results):
+        assert fused.dtype == reference.dtype, name
+        torch.testing.assert_close(fused, reference, rtol=tol, atol=tol, msg=name)
+    assert (adapter.B.abs().sum() > 0) and results[0][2].abs().sum() > 0  # the update and its gradient are not zero
 
 
 def _shape(path, name):

@@ -49,6 +49,29 @@ def test_quantized_weight_matches_its_dequantized_reference():
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_moved_offsets_match_reference_values_and_gradients(bias):
+    """QA-LoRA on deployed offsets: the down projection over the moved INT-N grid equals the base plus the
+    offsets' change times each group's sum, forward and gradients (g, u, b and the moved offsets)."""
+    g, u, w, b0, *_ = _inputs(f=64, d=32, bias=bias)
+    qw = lorakit.IntNWeight.from_float(w, 4, 32)
+    moved = (torch.randn(32, 2, generator=torch.Generator().manual_seed(1)) * 0.05).requires_grad_()
+    args = [g, u, qw, b0, None, None, 1.0, None, moved]
+    ref_args = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t for t in args]
+    y = swiglu_down(g, u, qw, b0, moved=moved)
+    y_ref = swiglu_down_reference(*ref_args[:4], None, None, 1.0, None, ref_args[8])
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    y_ref.backward(gy)
+    for t, t_ref in zip(args, ref_args):
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            torch.testing.assert_close(t.grad, t_ref.grad, rtol=1e-5, atol=1e-5)
+    assert moved.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="INT-N weight"):
+        swiglu_down(g, u, w, b0, moved=moved)
+
+
 def test_refuses_trainable_weight():
     g, u, w, *_ = _inputs()
     with pytest.raises(ValueError, match="frozen"):
@@ -68,14 +91,15 @@ def _saved_bytes(model, x):
     return total
 
 
-@pytest.mark.parametrize("quantized", [False, "nf4", "qalora"])
+@pytest.mark.parametrize("quantized", [False, "nf4", "qalora", "qalora on fp16 offsets"])
 def test_fused_llama_equals_unfused_and_saves_less(quantized):
     model = tiny_llama()
     group_size = None
     if quantized == "nf4":
         lorakit.quantize_(model, lorakit.NF4Config())
-    elif quantized == "qalora":
-        lorakit.quantize_(model, lorakit.IntNConfig(bits=4, group_size=32))
+    elif quantized:  # "on fp16 offsets": deployed as llama.cpp's Q4_1, the adapter moves the offsets
+        lorakit.quantize_(model, lorakit.IntNConfig(bits=4, group_size=32,
+                                                    scale_dtype="float16" if "fp16" in quantized else "float32"))
         group_size = 32
     lorakit.inject_adapters(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear", group_size=group_size))
     randomise_trainable_(model, seed=2)
@@ -94,6 +118,8 @@ def test_fused_llama_equals_unfused_and_saves_less(quantized):
         m.zero_grad()
     # (N, f) tensors per MLP fewer: silu(g), and m, which plain LoRA's A keeps (QA-LoRA's keeps P m, small)
     fewer = 1 if group_size else 2
+    if quantized == "qalora on fp16 offsets":  # the unfused layer keeps m for its group sums; fused keeps S
+        assert next(m for m in fused.modules() if hasattr(m, "offset_dtype")).offset_dtype == torch.float16
     assert _saved_bytes(model, x) - _saved_bytes(fused, x) >= 2 * fewer * 32 * 128 * 4  # 2 layers, 32 tokens
     assert unfuse_swiglu_(fused) == 2
     torch.testing.assert_close(fused(x).logits, model(x).logits)
