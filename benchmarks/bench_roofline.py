@@ -8,19 +8,23 @@ dtype, and where the rest of a step goes.
   in tests/test_flops.py.
 - matmul peak: measured in the same process, in the same dtype, on the step's own GEMM shapes (every linear
   layer's forward and input-gradient product and the adapters' rank-r products at the run's mean tokens per
-  micro-batch), as their FLOPs over their summed best-of-5 times, before and after the timed steps (the
-  higher of the two: shared machines are noisy): the speed the step would have if it were nothing but its
-  matmuls.
-- where the rest goes: one step under torch.profiler, every operator's own time put in one bucket
-  (base matmuls, adapter matmuls, output layer + loss, attention, dequantization, norms, SwiGLU, optimizer,
-  other operators) and the wall time no operator accounts for (Python).
+  micro-batch), as their FLOPs over their summed best-of-5 times, before the first round and after each (the
+  highest: shared machines are noisy): the speed the step would have if it were nothing but its matmuls.
+- step time: all methods train side by side in one process on the same batches; in each of `--rounds` rounds
+  every method steps through the same `--steps` batches in turn, so the machine's drift (10-20% from minute
+  to minute on a shared machine) reaches all methods alike. MFU from each batch's mean time (typical) and
+  from its best (as the matmul peak is a best-of-5: both sides measured alike).
+- where the rest goes: one more step per method under torch.profiler, every operator's own time put in one
+  bucket (base matmuls, adapter matmuls, output layer + loss, attention, dequantization, norms, SwiGLU,
+  optimizer, other operators) and the wall time no operator accounts for (Python).
+- peak RSS: each method again alone in its own process (warm-up and one round).
 
-Each (method, dtype) runs in its own process (its own peak RSS) on the embedded SmolLM2-135M-Instruct, on
-instruction rows made of whole standard-library docstrings (long answers), batch 4, max 512 tokens, r 16 on
-every linear layer: `lora` on the dense model, `qlora` on NF4 codes, `qalora` on the GGUF file's own Q4_1
-codes. bf16 runs only where the CPU multiplies bf16 natively (`lorakit env` says; --bf16 forces it).
+On the embedded SmolLM2-135M-Instruct, on instruction rows made of whole standard-library docstrings (long
+answers), batch 4, max 512 tokens, r 16 on every linear layer: `lora` on the dense model, `qlora` on NF4
+codes, `qalora` on the GGUF file's own Q4_1 codes. bf16 runs only where the CPU multiplies bf16 natively
+(`lorakit env` says; --bf16 forces it).
 
-    python benchmarks/bench_roofline.py [--steps 4] [--warmup 1] [--methods lora,qlora,qalora] [--bf16]
+    python benchmarks/bench_roofline.py [--steps 4] [--rounds 2] [--warmup 2] [--methods lora,qlora,qalora] [--bf16]
 """
 
 from __future__ import annotations
@@ -125,8 +129,12 @@ def _buckets(prof, adapter_dims: set[int], vocab: int) -> dict[str, float]:
     return dict(out)
 
 
-def run_one(method: str, dtype: str, args) -> dict:
-    """Train `args.warmup + args.steps` steps in this process; time the last `args.steps`, profile one more."""
+def run_methods(methods: list[str], dtype: str, args) -> list[dict]:
+    """Train each method of `methods` side by side in this process, on the same batches: `args.warmup` steps
+    each, then `args.rounds` rounds in which every method steps through the same `args.steps` batches in
+    turn (so the machine's drift reaches all alike), the matmul peak measured before the first round and
+    after each; then one profiled step each. With `args.rss_only`: one method, one round, no profile: its
+    peak RSS."""
     from lorakit.data.stdlib_docs import IGNORE
     import importlib
 
@@ -141,106 +149,133 @@ def run_one(method: str, dtype: str, args) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     work = Path(tempfile.mkdtemp(prefix="roofline-"))
     rows = make_rows(work / "rows.jsonl")
-    total = args.warmup + args.steps + 1
-    config = load_config(None, [
-        f"method={method}", f"model.dtype={dtype}", f"data.train={rows}", "data.valid_fraction=0",
-        f"data.max_tokens={args.max_tokens}", f"output_dir={work / 'run'}", f"train.steps={total}",
-        f"train.batch_size={args.batch}", "train.lr=2e-4", "train.warmup_steps=0", "train.eval_every=0",
-        f"train.save_every={total}", f"adapter.r={args.r}", f"adapter.alpha={2 * args.r}",
-    ])
+    total = args.warmup + args.steps * args.rounds + 1
     world = init_world()
-    task = make_task(config)
-    run = loop._start(config, False, False, task, None, world)
+    runs, results = {}, {}
+    for method in methods:
+        config = load_config(None, [
+            f"method={method}", f"model.dtype={dtype}", f"data.train={rows}", "data.valid_fraction=0",
+            f"data.max_tokens={args.max_tokens}", f"output_dir={work / method}", f"train.steps={total}",
+            f"train.batch_size={args.batch}", "train.lr=2e-4", "train.warmup_steps=0", "train.eval_every=0",
+            f"train.save_every={total}", f"adapter.r={args.r}", f"adapter.alpha={2 * args.r}",
+        ])
+        runs[method] = run = loop._start(config, False, False, make_task(config), None, world)
+        for _ in range(args.warmup):
+            loop._step(run)
+        group_size = config.adapter.group_size if method == "qalora" else None  # QA-LoRA's A reads group means
+        results[method] = {"method": method, "group_size": group_size, "steps": []}
     r = args.r
-    group_size = config.adapter.group_size if method == "qalora" else None  # QA-LoRA's A reads group means
-    shape = LlamaShape.of(run.model.config)
-    for _ in range(args.warmup):
-        loop._step(run)
-    mean_tokens = round(sum(sum(len(e.input_ids) for e in b) for b in run.batches) / len(run.batches))
+    first_run = runs[methods[0]]
+    shape = LlamaShape.of(first_run.model.config)
+    mean_tokens = round(sum(sum(len(e.input_ids) for e in b) for b in first_run.batches) / len(first_run.batches))
     gemms = gemm_shapes(shape, mean_tokens, r)
-    peak_before = matmul_peak(gemms, run.dtype)
-    steps = []
-    for _ in range(args.steps):
-        rows_ = run.batches[run.batch_index]  # 20 batches per epoch: no step here crosses an epoch
-        lengths = [len(e.input_ids) for e in rows_]
-        loss_tokens = sum(sum(1 for y in e.labels[1:] if y != IGNORE) for e in rows_)
-        before = run.seconds
-        loop._step(run)
-        seconds = run.seconds - before
-        flops = step_flops(shape, lengths, loss_tokens, r, group_size=group_size)
-        steps.append({"seconds": seconds, "tokens": sum(lengths), "padded_tokens": max(lengths) * len(lengths),
-                      "loss_tokens": loss_tokens, "flops": flops})
-    train_peak = peak_rss_bytes()  # before the profiler adds its own records
-    profiled_tokens = sum(len(e.input_ids) for e in run.batches[run.batch_index])
-    # the profiled step, with labelled ranges for what operator names alone do not tell apart
-    for weight_type in {type(m) for m in run.model.modules() if is_quantized_weight(m)}:
+    peaks = [] if args.rss_only else [matmul_peak(gemms, first_run.dtype)]
+    first = first_run.batch_index
+    for round_ in range(args.rounds):  # the same batches again: each batch's time, best and typical
+        for method, run in runs.items():
+            steps = results[method]["steps"]
+            run.batch_index = first  # 20 batches per epoch: no step here crosses an epoch
+            for j in range(args.steps):
+                rows_ = run.batches[run.batch_index]
+                before = run.seconds
+                loop._step(run)
+                seconds = run.seconds - before
+                if round_:
+                    steps[j]["rounds_s"].append(seconds)
+                    continue
+                lengths = [len(e.input_ids) for e in rows_]
+                loss_tokens = sum(sum(1 for y in e.labels[1:] if y != IGNORE) for e in rows_)
+                flops = step_flops(shape, lengths, loss_tokens, r, group_size=results[method]["group_size"])
+                steps.append({"rounds_s": [seconds], "tokens": sum(lengths), "loss_tokens": loss_tokens,
+                              "padded_tokens": max(lengths) * len(lengths), "flops": flops})
+        if not args.rss_only:
+            peaks.append(matmul_peak(gemms, first_run.dtype))
+    if args.rss_only:
+        return [{"method": methods[0], "peak_rss_bytes": peak_rss_bytes()}]
+    # the profiled steps, with labelled ranges for what operator names alone do not tell apart
+    for weight_type in {type(m) for run in runs.values() for m in run.model.modules() if is_quantized_weight(m)}:
         _label(weight_type, "dequantize", "lorakit::dequantize")
     _label(losses._ChunkedCrossEntropySum, "apply", "lorakit::loss")
     for module, fn in (("rmsnorm", "_RMSNorm"), ("swiglu", "_SwiGLUDown")):
         _label(getattr(importlib.import_module(f"lorakit.kernels.{module}"), fn), "apply", f"lorakit::{module}")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-        start = time.perf_counter()
-        loop._step(run)
-        wall = time.perf_counter() - start
-    adapter_dims = {r} | ({a // group_size for a, _ in shape.linears().values()} if group_size else set())
-    buckets = _buckets(prof, adapter_dims, shape.vocab_size)
-    buckets["Python (no operator)"] = max(wall - sum(buckets.values()), 0.0)
-    dtype_ = run.dtype
-    peak = max(peak_before, matmul_peak(gemms, dtype_))
-    seconds = sum(s["seconds"] for s in steps)
-    flops = sum(s["flops"]["total"] for s in steps)
-    return {
-        "method": method, "dtype": str(dtype_).removeprefix("torch."), "threads": torch.get_num_threads(),
-        "steps": steps, "seconds_per_step": seconds / len(steps), "tokens_per_s": sum(s["tokens"] for s in steps) / seconds,
-        "model_flops_per_s": flops / seconds, "matmul_peak_flops_per_s": peak, "mfu": flops / seconds / peak,
-        "profile_tokens": profiled_tokens, "profile_wall_s": wall, "profile_buckets_s": buckets,
-        "peak_rss_bytes": train_peak,
-    }
+    peak = max(peaks)
+    out = []
+    for method, run in runs.items():
+        result, steps = results[method], results[method]["steps"]
+        run.batch_index = first + args.steps
+        profiled_tokens = sum(len(e.input_ids) for e in run.batches[run.batch_index])
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            start = time.perf_counter()
+            loop._step(run)
+            wall = time.perf_counter() - start
+        group_size = result.pop("group_size")
+        adapter_dims = {r} | ({a // group_size for a, _ in shape.linears().values()} if group_size else set())
+        buckets = _buckets(prof, adapter_dims, shape.vocab_size)
+        buckets["Python (no operator)"] = max(wall - sum(buckets.values()), 0.0)
+        for step in steps:
+            step["seconds"] = sum(step["rounds_s"]) / len(step["rounds_s"])
+            step["best_seconds"] = min(step["rounds_s"])
+        seconds = sum(s["seconds"] for s in steps)
+        best = sum(s["best_seconds"] for s in steps)
+        flops = sum(s["flops"]["total"] for s in steps)
+        out.append({
+            **result, "dtype": str(run.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+            "rounds": args.rounds, "seconds_per_step": seconds / len(steps),
+            "best_seconds_per_step": best / len(steps), "tokens_per_s": sum(s["tokens"] for s in steps) / seconds,
+            "model_flops_per_s": flops / seconds, "best_model_flops_per_s": flops / best,
+            "matmul_peaks_flops_per_s": peaks, "matmul_peak_flops_per_s": peak,
+            "mfu": flops / seconds / peak, "mfu_best": flops / best / peak,
+            "profile_tokens": profiled_tokens, "profile_wall_s": wall, "profile_buckets_s": buckets,
+        })
+    return out
+
+
+def _child(args, methods: str, dtype: str, *extra: str) -> list[dict]:
+    cmd = [sys.executable, __file__, "--one", methods, dtype, "--steps", str(args.steps), "--warmup",
+           str(args.warmup), "--rounds", str(args.rounds), "--batch", str(args.batch), "--max-tokens",
+           str(args.max_tokens), "--r", str(args.r), "--threads", str(args.threads), *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if done.returncode:
+        sys.exit(f"{methods} {dtype} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="times each timed batch runs (mean and best reported)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--methods", default="lora,qlora,qalora")
     parser.add_argument("--bf16", action="store_true", help="also run bf16 where the CPU has no native bf16")
-    parser.add_argument("--one", nargs=2, metavar=("METHOD", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=2, metavar=("METHODS", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--rss-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(*args.one, args)))
+        print(json.dumps(run_methods(args.one[0].split(","), args.one[1], args)))
         return
     from lorakit.training.hardware import compute_dtype_reason, cpu_has_fast_bf16
 
     dtypes = ["float32"] + (["bfloat16"] if cpu_has_fast_bf16() or args.bf16 else [])
     results = []
     for dtype in dtypes:
-        for method in args.methods.split(","):
-            cmd = [sys.executable, __file__, "--one", method, dtype, "--steps", str(args.steps), "--warmup",
-                   str(args.warmup), "--batch", str(args.batch), "--max-tokens", str(args.max_tokens), "--r",
-                   str(args.r), "--threads", str(args.threads)]
-            done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            if done.returncode:
-                sys.exit(f"{method} {dtype} failed:\n{done.stderr[-3000:]}")
-            result = json.loads(done.stdout.strip().splitlines()[-1])
+        timed = _child(args, args.methods, dtype)  # all methods side by side in one process
+        for result in timed:  # peak memory: each method alone in its own process
+            result["peak_rss_bytes"] = _child(args, result["method"], dtype, "--rss-only")[0]["peak_rss_bytes"]
             results.append(result)
             b = result["profile_buckets_s"]
             share = ", ".join(f"{k} {v / result['profile_wall_s']:.0%}" for k, v in sorted(b.items(), key=lambda kv: -kv[1]))
-            print(f"{method:7s} {result['dtype']:8s} {result['seconds_per_step']:6.2f} s/step "
+            print(f"{result['method']:7s} {result['dtype']:8s} {result['seconds_per_step']:6.2f} s/step "
                   f"{result['tokens_per_s']:6.0f} tok/s  model {result['model_flops_per_s'] / 1e9:6.1f} GFLOP/s  "
-                  f"peak {result['matmul_peak_flops_per_s'] / 1e9:6.1f}  MFU {result['mfu']:.0%}  "
+                  f"peak {result['matmul_peak_flops_per_s'] / 1e9:6.1f}  MFU {result['mfu']:.0%} "
+                  f"(best of {args.rounds} rounds {result['mfu_best']:.0%})  "
                   f"RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB\n    profile: {share}", flush=True)
-    for dtype in dtypes:  # one peak per dtype for the table: the highest any process of this run measured
-        same = [r for r in results if r["dtype"] == str(getattr(torch, dtype)).removeprefix("torch.")]
-        best = max(r["matmul_peak_flops_per_s"] for r in same)
-        for r in same:
-            r["mfu_vs_run_peak"] = r["model_flops_per_s"] / best
-        print(f"{dtype}: MFU against the run's highest peak ({best / 1e9:.1f} GFLOP/s): "
-              + ", ".join(f"{r['method']} {r['mfu_vs_run_peak']:.0%}" for r in same))
+        print("matmul peaks measured between rounds: "
+              + ", ".join(f"{p / 1e9:.1f}" for p in timed[0]["matmul_peaks_flops_per_s"]) + " GFLOP/s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     from lorakit.io import write_json
 
