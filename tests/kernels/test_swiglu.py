@@ -29,16 +29,20 @@ def test_matches_reference_values_and_gradients(bias, adapter):
     elif adapter == "qalora":  # A sees the input averaged over groups of 8: (r, f/8)
         group_size = 8
         a = a[:, : a.shape[1] // group_size].detach().clone().requires_grad_()
-    args = [g, u, w, b0, a, b, 0.7, group_size]
+    _check_against_reference([g, u, w, b0, a, b, 0.7, group_size], atol=1e-6)
+
+
+def _check_against_reference(args, atol):
+    """swiglu_down(*args) and swiglu_down_reference on copies of args: the same values and gradients."""
     ref_args = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t for t in args]
     y, y_ref = swiglu_down(*args), swiglu_down_reference(*ref_args)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=atol)
     gy = torch.randn_like(y)
     y.backward(gy)
     y_ref.backward(gy)
     for t, t_ref in zip(args, ref_args):
         if isinstance(t, torch.Tensor) and t.requires_grad:
-            torch.testing.assert_close(t.grad, t_ref.grad, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(t.grad, t_ref.grad, rtol=1e-5, atol=atol)
 
 
 def test_quantized_weight_matches_its_dequantized_reference():
@@ -56,17 +60,7 @@ def test_moved_offsets_match_reference_values_and_gradients(bias):
     g, u, w, b0, *_ = _inputs(f=64, d=32, bias=bias)
     qw = lorakit.IntNWeight.from_float(w, 4, 32)
     moved = (torch.randn(32, 2, generator=torch.Generator().manual_seed(1)) * 0.05).requires_grad_()
-    args = [g, u, qw, b0, None, None, 1.0, None, moved]
-    ref_args = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t for t in args]
-    y = swiglu_down(g, u, qw, b0, moved=moved)
-    y_ref = swiglu_down_reference(*ref_args[:4], None, None, 1.0, None, ref_args[8])
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    gy = torch.randn_like(y)
-    y.backward(gy)
-    y_ref.backward(gy)
-    for t, t_ref in zip(args, ref_args):
-        if isinstance(t, torch.Tensor) and t.requires_grad:
-            torch.testing.assert_close(t.grad, t_ref.grad, rtol=1e-5, atol=1e-5)
+    _check_against_reference([g, u, qw, b0, None, None, 1.0, None, moved], atol=1e-5)
     assert moved.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="INT-N weight"):
         swiglu_down(g, u, w, b0, moved=moved)
