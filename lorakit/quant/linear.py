@@ -143,7 +143,11 @@ def offset_linear(x: Tensor, weight: nn.Module, bias: Tensor | None, moved: Tens
                   ∂L/∂b     = Σ over leading dims of ∂L/∂y
 
     Equal to x Ŵᵀ + S movedᵀ + b (the base output plus the update through the group sums) in exact
-    arithmetic, with one GEMM each way instead of two and no (..., in) gradient of S to add."""
+    arithmetic, with one GEMM each way instead of two and no (..., in) gradient of S to add. Inside
+    `dequantize_once()` without grad (evaluation, generation) it takes that form, over the one cached Ŵ."""
+    if not torch.is_grad_enabled() and getattr(_once, "cache", None) is not None:
+        sums = x.unflatten(-1, (-1, weight.group_size)).sum(-1)  # (..., in/g)
+        return linear(x, weight, bias) + F.linear(sums, moved.to(x.dtype))
     return _OffsetLinear.apply(x, weight, bias, moved)
 
 
