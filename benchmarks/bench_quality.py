@@ -23,7 +23,7 @@ Each variant runs in its own process (`--one NAME`), one after the other, and re
 perplexity, the run's training seconds and useful tokens/s (ratios within one run of this script only).
 
     python benchmarks/bench_quality.py                    # every variant -> benchmarks/results/quality.json
-    python benchmarks/bench_quality.py --variants defaults,plain --seeds 0,1
+    python benchmarks/bench_quality.py --variants "defaults,plain script" --seeds 0,1
 """
 
 from __future__ import annotations

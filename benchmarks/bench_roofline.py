@@ -17,7 +17,7 @@ dtype, and where the rest of a step goes.
 - where the rest goes: one more step per method under torch.profiler, every operator's own time put in one
   bucket (base matmuls, adapter matmuls, output layer + loss, attention, dequantization, norms, SwiGLU,
   optimizer, other operators) and the wall time no operator accounts for (Python).
-- peak RSS: each method again alone in its own process (warm-up and one round).
+- peak RSS: each method again alone in its own process (the same warm-up and rounds, no profile).
 
 On the embedded SmolLM2-135M-Instruct, on instruction rows made of whole standard-library docstrings (long
 answers), batch 4, max 512 tokens, r 16 on every linear layer: `lora` on the dense model, `qlora` on NF4
@@ -133,7 +133,7 @@ def run_methods(methods: list[str], dtype: str, args) -> list[dict]:
     """Train each method of `methods` side by side in this process, on the same batches: `args.warmup` steps
     each, then `args.rounds` rounds in which every method steps through the same `args.steps` batches in
     turn (so the machine's drift reaches all alike), the matmul peak measured before the first round and
-    after each; then one profiled step each. With `args.rss_only`: one method, one round, no profile: its
+    after each; then one profiled step each. With `args.rss_only`: one method, the same steps, no profile: its
     peak RSS."""
     from lorakit.data.stdlib_docs import IGNORE
     import importlib

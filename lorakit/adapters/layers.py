@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.adapters.config import LoraConfig
+from lorakit.quant.intn import group_sums
 from lorakit.quant.linear import dense_weight, linear, offset_linear
 from lorakit.adapters.walk import layer_kind
 
@@ -303,10 +304,14 @@ class LoraLayer(nn.Module):
             y_update = Σ_G Δm[:, G] · Σ_{j∈G} drop(x)_j          (..., in) -> (..., out)
 
         Equal to s · B A pool(drop(x)) wherever fp16 holds m + δ exactly."""
-        weight = self.weight
-        moved = self.moved_offset(adapter)
-        sums = adapter.dropout(x).unflatten(-1, (-1, weight.group_size)).sum(-1)  # (..., in/g_w)
-        return F.linear(sums, moved.to(sums.dtype))
+        sums = group_sums(adapter.dropout(x), self.weight.group_size)  # (..., in/g_w)
+        return F.linear(sums, self.moved_offset(adapter).to(sums.dtype))
+
+    def moves_offsets(self, adapter: LoraAdapter) -> bool:
+        """Whether `adapter` is QA-LoRA on offsets deployed in a coarser dtype (`weight.offset_dtype`: a GGUF
+        Q4_1 / Q5_1 base), which trains through `moved_offset` rather than as a product added to the output."""
+        return (self.kind == "linear" and adapter.group_size is not None
+                and getattr(self.weight, "offset_dtype", None) is not None)
 
     def moved_offset(self, adapter: LoraAdapter) -> torch.Tensor:
         """Δm (out, in/g_w), float32: the offset change QA-LoRA's δ = s · (B A) / g_a makes in the deployed
@@ -323,8 +328,7 @@ class LoraLayer(nn.Module):
             return self.routes.layer_forward(self, x)
         adapter = None if self.active is None else self.lora[self.active]
         if (adapter is not None and self.kind == "linear" and not self.transposed and not self.disabled
-                and adapter.magnitude is None and not (adapter.group_size is not None
-                                                       and getattr(self.weight, "offset_dtype", None))):
+                and adapter.magnitude is None and not self.moves_offsets(adapter)):
             # out += (s · A drop(x)) Bᵀ as one GEMM into the base output: no (..., out) temporary and no separate
             # add pass. On 2-D rows, so the in-place GEMM writes a fresh tensor, not a view of one (autograd
             # would otherwise rebuild the whole output gradient through as_strided: a fill and a copy per
@@ -337,9 +341,8 @@ class LoraLayer(nn.Module):
             else:
                 out = out + self.adapter_forward(adapter, rows)
             return out.view(*x.shape[:-1], out.shape[-1])
-        if (adapter is not None and self.kind == "linear" and not self.transposed and not self.disabled
-                and adapter.magnitude is None and adapter.group_size is not None
-                and getattr(self.weight, "offset_dtype", None)
+        if (adapter is not None and not self.transposed and not self.disabled and adapter.magnitude is None
+                and self.moves_offsets(adapter)
                 and (isinstance(adapter.dropout, nn.Identity) or not adapter.dropout.training)):
             # QA-LoRA on deployed offsets: the base with its offsets moved, in one GEMM (offset_linear), which
             # is what the merged file computes; offset_forward (the update alone) equals it in exact arithmetic.
@@ -352,7 +355,7 @@ class LoraLayer(nn.Module):
             return out + self.adapter_forward(adapter, x, initial=True) if adapter.is_pissa else out
         if adapter.magnitude is not None:
             return self.dora_forward(adapter, x, out)
-        if self.kind == "linear" and adapter.group_size is not None and getattr(self.weight, "offset_dtype", None):
+        if self.moves_offsets(adapter):  # with dropout while training: the update through the dropped-out sums
             return out + self.offset_forward(adapter, x)
         return out + self.adapter_forward(adapter, x)
 

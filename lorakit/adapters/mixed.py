@@ -64,7 +64,7 @@ class Routes:
             if adapter is None:
                 continue
             part = x[rows]
-            if layer.kind == "linear" and adapter.group_size is not None and getattr(layer.weight, "offset_dtype", None):
+            if layer.moves_offsets(adapter):
                 update = layer.offset_forward(adapter, part)  # as LoraLayer.forward: QA-LoRA on deployed offsets
             else:
                 update = layer.adapter_forward(adapter, part)

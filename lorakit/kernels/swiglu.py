@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit.kernels.patching import patch_forward, unpatch_forward
-from lorakit.quant.linear import dense_weight
+from lorakit.quant.intn import group_sums
+from lorakit.quant.linear import dense_weight, offset_grad
 
 
 def _pool(m: Tensor, group_size: int | None) -> Tensor:
@@ -49,7 +50,7 @@ def swiglu_down_reference(g: Tensor, u: Tensor, weight, bias: Tensor | None,
     if a is not None:
         y = y + F.linear(F.linear(_pool(m, group_size), a.to(m.dtype)) * scaling, b.to(m.dtype))
     if moved is not None:  # the offsets' change times each group's sum of m
-        y = y + F.linear(m.unflatten(-1, (-1, weight.group_size)).sum(-1), moved.to(m.dtype))
+        y = y + F.linear(group_sums(m, weight.group_size), moved.to(m.dtype))
     return y
 
 
@@ -61,9 +62,8 @@ class _SwiGLUDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, u, weight, bias, a, b, scaling, group_size, moved):
         m = F.silu(g) * u  # (N, f), freed after forward
-        moved = None if moved is None else moved.detach()
         y = F.linear(m, _down_weight(weight, m.dtype, moved), None if bias is None else bias.to(m.dtype))  # (N, d)
-        sums = m.unflatten(-1, (-1, weight.group_size)).sum(-1) if ctx.needs_input_grad[8] else None  # (N, f/g)
+        sums = group_sums(m, weight.group_size) if ctx.needs_input_grad[8] else None  # (N, f/g)
         h = None
         if a is not None:
             h = F.linear(_pool(m, group_size), a.to(m.dtype)) * scaling  # (N, r)
@@ -81,7 +81,7 @@ class _SwiGLUDown(torch.autograd.Function):
         gm = gy @ _down_weight(ctx.weight, dtype, moved)  # (N, f)
         grad_a = grad_b = grad_bias = grad_moved = None
         if ctx.needs_input_grad[8]:
-            grad_moved = (gy.reshape(-1, gy.shape[-1]).t() @ sums.reshape(-1, sums.shape[-1])).to(moved.dtype)
+            grad_moved = offset_grad(gy, sums)
         if a is not None:
             gh = gy @ b.to(dtype)  # (N, r)
             if ctx.group_size is None:
@@ -122,7 +122,9 @@ def swiglu_down(g: Tensor, u: Tensor, weight, bias: Tensor | None = None,
     if isinstance(weight, Tensor) and weight.requires_grad:
         raise ValueError("swiglu_down needs a frozen down-projection weight (it computes no weight gradient)")
     if moved is not None and (a is not None or not hasattr(weight, "group_size")):
-        raise ValueError("swiglu_down: `moved` offsets need a group-wise INT-N weight and no a, b")
+        got = type(weight).__name__ + (" with a, b" if a is not None else "")
+        raise ValueError(f"swiglu_down(moved=...) moves a group-wise INT-N weight's offsets, got a {got}: pass an "
+                         "IntNWeight and no a, b (QA-LoRA on deployed offsets has no A, B product)")
     return _SwiGLUDown.apply(g, u, weight, bias, a, b, scaling, group_size, moved)
 
 
@@ -140,7 +142,7 @@ def _fused_mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
         if down.transposed or (down.active is not None and (down.disabled or not isinstance(down.lora[down.active].dropout, nn.Identity))):
             return down(F.silu(g) * u)  # dropout / PiSSA-disabled paths: keep the layer's own forward
         adapter = down.adapter()
-        if adapter is not None and adapter.magnitude is None and adapter.group_size is not None and getattr(weight, "offset_dtype", None):
+        if adapter is not None and adapter.magnitude is None and down.moves_offsets(adapter):
             # QA-LoRA against fp16-deployed offsets: the down projection over the moved grid
             return swiglu_down(g, u, weight, down.bias, moved=down.moved_offset(adapter))
         if adapter is not None and adapter.magnitude is not None:

@@ -126,6 +126,12 @@ def dequantize_grid(q: Tensor, scale: Tensor, offset: Tensor) -> Tensor:
     return w.view(out_features, in_features)
 
 
+def group_sums(x: Tensor, group_size: int) -> Tensor:
+    """S = Σ_{j∈G} x_j over each group G of `group_size` consecutive entries of the last dim: (..., in) ->
+    (..., in/g). A group-constant offset change Δm reaches the output as S Δmᵀ (QA-LoRA on deployed offsets)."""
+    return x.unflatten(-1, (-1, group_size)).sum(-1)
+
+
 class IntNWeight(PackedWeight):
     """A frozen (out, in) weight in group-wise asymmetric INT-N form.
 

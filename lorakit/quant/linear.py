@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit.quant.blockwise import weight_class
+from lorakit.quant.intn import group_sums
 
 
 def is_quantized_weight(obj: object) -> bool:
@@ -111,25 +112,7 @@ def linear(x: Tensor, weight: Tensor | nn.Module, bias: Tensor | None = None) ->
         raise TypeError(f"linear() takes a weight Tensor or a quantized weight module, got {type(weight).__name__}")
     if not torch.is_grad_enabled():  # nothing to save for backward
         return F.linear(x, _dequantized(weight, x.dtype), None if bias is None else bias.to(x.dtype))
-    return _DequantizingLinear.apply(x, weight, bias)
-
-
-class _DequantizingLinear(torch.autograd.Function):
-    """Saves the quantized weight module on ctx (no tensor goes to save_for_backward)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: nn.Module, bias: Tensor | None) -> Tensor:
-        ctx.weight = weight
-        return F.linear(x, weight.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ ctx.weight.dequantize(grad_out.dtype)   # (..., out) @ (out, in)
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)   # (out,)
-        return grad_x, None, grad_bias
+    return _DequantizingLinear.apply(x, weight, bias, None)
 
 
 def offset_linear(x: Tensor, weight: nn.Module, bias: Tensor | None, moved: Tensor) -> Tensor:
@@ -146,33 +129,39 @@ def offset_linear(x: Tensor, weight: nn.Module, bias: Tensor | None, moved: Tens
     arithmetic, with one GEMM each way instead of two and no (..., in) gradient of S to add. Inside
     `dequantize_once()` without grad (evaluation, generation) it takes that form, over the one cached Ŵ."""
     if not torch.is_grad_enabled() and getattr(_once, "cache", None) is not None:
-        sums = x.unflatten(-1, (-1, weight.group_size)).sum(-1)  # (..., in/g)
-        return linear(x, weight, bias) + F.linear(sums, moved.to(x.dtype))
-    return _OffsetLinear.apply(x, weight, bias, moved)
+        return linear(x, weight, bias) + F.linear(group_sums(x, weight.group_size), moved.to(x.dtype))
+    return _DequantizingLinear.apply(x, weight, bias, moved)
 
 
-class _OffsetLinear(torch.autograd.Function):
+def offset_grad(grad_out: Tensor, sums: Tensor) -> Tensor:
+    """∂L/∂moved = (∂L/∂y)ᵀ S, float32 (out, in/g), from ∂L/∂y (..., out) and the group sums S (..., in/g)."""
+    return (grad_out.reshape(-1, grad_out.shape[-1]).t() @ sums.reshape(-1, sums.shape[-1])).float()
+
+
+class _DequantizingLinear(torch.autograd.Function):
+    """Saves the quantized weight module on ctx and no dense weight; with `moved` offsets (`offset_linear`)
+    also the moved offsets and the group sums of x."""
+
     @staticmethod
-    def forward(ctx, x: Tensor, weight: nn.Module, bias: Tensor | None, moved: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, weight: nn.Module, bias: Tensor | None, moved: Tensor | None) -> Tensor:
         ctx.weight = weight
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        moved = moved.detach()
-        y = F.linear(x, weight.dequantize(x.dtype, moved), None if bias is None else bias.to(x.dtype))
-        sums = x.unflatten(-1, (-1, weight.group_size)).sum(-1) if ctx.needs_input_grad[3] else None
+        dense = weight.dequantize(x.dtype) if moved is None else weight.dequantize(x.dtype, moved)
+        sums = group_sums(x, weight.group_size) if ctx.needs_input_grad[3] else None
         ctx.save_for_backward(moved, sums)
-        return y
+        return F.linear(x, dense, None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         moved, sums = ctx.saved_tensors
+        weight = ctx.weight
         grad_x = grad_bias = grad_moved = None
-        rows = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ ctx.weight.dequantize(grad_out.dtype, moved)  # (..., out) @ (out, in)
+        if ctx.needs_input_grad[0]:  # (..., out) @ (out, in)
+            grad_x = grad_out @ (weight.dequantize(grad_out.dtype) if moved is None
+                                 else weight.dequantize(grad_out.dtype, moved))
         if ctx.needs_input_grad[2]:
-            grad_bias = rows.sum(0).to(ctx.bias_dtype)  # (out,)
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)   # (out,)
         if ctx.needs_input_grad[3]:
-            grad_moved = (rows.t() @ sums.reshape(-1, sums.shape[-1])).to(moved.dtype)  # (out, in/g)
+            grad_moved = offset_grad(grad_out, sums)
         return grad_x, None, grad_bias, grad_moved
 
 

@@ -166,7 +166,7 @@ def test_offsets_train_against_their_fp16_rounding(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_moved_offsets_in_one_gemm_equal_base_plus_update(tmp_path, dtype):
+def test_moved_offsets_in_one_gemm_equal_base_plus_update(dtype):
     """Training runs QA-LoRA on deployed offsets as one GEMM over the moved grid (`offset_linear`); it equals
     the base output plus the update through the group sums (`offset_forward`), forward and every gradient,
     with a bias and with adapter groups coarser than the weight's."""
