@@ -136,6 +136,7 @@ def run_methods(methods: list[str], dtype: str, args) -> list[dict]:
     after each; then one profiled step each. With `args.rss_only`: one method, the same steps, no profile: its
     peak RSS."""
     from lorakit.data.stdlib_docs import IGNORE
+    from lorakit.tasks.shared_prefix import shared_length
     import importlib
 
     from lorakit.quant.linear import is_quantized_weight
@@ -185,8 +186,12 @@ def run_methods(methods: list[str], dtype: str, args) -> list[dict]:
                     continue
                 lengths = [len(e.input_ids) for e in rows_]
                 loss_tokens = sum(sum(1 for y in e.labels[1:] if y != IGNORE) for e in rows_)
-                flops = step_flops(shape, lengths, loss_tokens, r, group_size=results[method]["group_size"])
+                batch = run.task.collate(rows_, run.dtype, None)  # the prompt prefix computed once, if shared
+                shared = shared_length(batch["input_ids"], batch["labels"], batch["attention_mask"])
+                flops = step_flops(shape, lengths, loss_tokens, r, group_size=results[method]["group_size"],
+                                   shared=shared)
                 steps.append({"rounds_s": [seconds], "tokens": sum(lengths), "loss_tokens": loss_tokens,
+                              "shared_tokens": shared,
                               "padded_tokens": max(lengths) * len(lengths), "flops": flops})
         if not args.rss_only:
             peaks.append(matmul_peak(gemms, first_run.dtype))

@@ -12,6 +12,14 @@ from lorakit.training.flops import LlamaShape, gemm_shapes, step_flops
 from tests.tiny_models import VOCAB, tiny_llama
 
 
+def _addmm_(self_shape, a_shape, b_shape, *args, **kwargs):  # (m, k) @ (k, n)
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+# lorakit adds B's product into the base output in place (addmm_), which the counter has no formula for
+ADDMM_ = {torch.ops.aten.addmm_: _addmm_}
+
+
 @pytest.mark.parametrize("group_size", [None, 16])
 @pytest.mark.parametrize("targets", [None, ("q_proj", "v_proj"), ("gate_proj", "down_proj")])
 def test_step_flops_equal_pytorchs_count(targets, group_size):
@@ -26,11 +34,7 @@ def test_step_flops_equal_pytorchs_count(targets, group_size):
     ids = torch.randint(0, VOCAB, (3, 20))
     labels = ids.clone()
     labels[:, :7] = -100  # prompts: no loss there, so the output layer runs on 13 - 1 shifted positions per row
-    # lorakit adds B's product into the base output in place (addmm_), which the counter has no formula for
-    def addmm(self_shape, a_shape, b_shape, *args, **kwargs):  # (m, k) @ (k, n)
-        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
-
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm}) as counter:
+    with FlopCounterMode(display=False, custom_mapping=ADDMM_) as counter:
         loss = lorakit.causal_lm_loss(model, ids, labels, torch.ones_like(ids))
         loss.backward()
     n_loss = int((labels[:, 1:] != -100).sum())
@@ -38,6 +42,27 @@ def test_step_flops_equal_pytorchs_count(targets, group_size):
     expected = step_flops(LlamaShape.of(model.config), [20] * 3, n_loss, r, targets, causal=False, group_size=group_size)
     assert counter.get_total_flops() == expected["total"]
     assert expected["adapter"] > 0 and expected["attention"] > 0 and expected["output"] > 0
+
+
+def test_shared_prefix_flops_equal_pytorchs_count():
+    model = tiny_llama(layers=2)
+    model.config._attn_implementation = "eager"
+    lorakit.inject_adapters(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    model.train()
+    ids = torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(0))
+    ids[:, :10] = ids[0, :10]  # a common prompt: the decoder computes its first 9 tokens once
+    labels = ids.clone()
+    labels[:, :12] = -100
+    with FlopCounterMode(display=False, custom_mapping=ADDMM_) as counter:
+        loss = lorakit.causal_lm_loss(model, ids, labels, torch.ones_like(ids))
+        loss.backward()
+    n_loss = int((labels[:, 1:] != -100).sum())
+    shape = LlamaShape.of(model.config)
+    expected = step_flops(shape, [20] * 3, n_loss, 4, causal=False, shared=9)
+    assert counter.get_total_flops() == expected["total"]
+    assert expected["total"] < step_flops(shape, [20] * 3, n_loss, 4, causal=False)["total"]
+    with pytest.raises(ValueError, match="shared=20"):
+        step_flops(shape, [20, 20], 4, 4, shared=20)
 
 
 def test_causal_attention_is_half_and_parts_add_up():

@@ -49,7 +49,7 @@ from torch import nn
 
 from lorakit.adapters.config import LoraConfig
 from lorakit.quant.intn import group_sums
-from lorakit.quant.linear import dense_weight, linear, offset_linear
+from lorakit.quant.linear import dense_weight, held, linear, offset_linear
 from lorakit.adapters.walk import layer_kind
 
 
@@ -323,10 +323,38 @@ class LoraLayer(nn.Module):
             delta = delta.repeat_interleave(k, dim=1)  # (out, in/g_w)
         return weight.moved_offset(delta)
 
+    def merges_for_inference(self, adapter: LoraAdapter | None) -> bool:
+        """Whether, inside `dequantize_once()` without grad, this layer computes with one held dense weight
+        with `adapter` merged (`merged_weight`): a linear layer's LoRA or QA-LoRA adapter, no DoRA, no
+        dropout at work, not disabled."""
+        return (adapter is not None and self.kind == "linear" and not self.transposed and not self.disabled
+                and adapter.magnitude is None
+                and (isinstance(adapter.dropout, nn.Identity) or not adapter.dropout.training))
+
+    @property
+    def held_shape(self) -> tuple[int, int] | None:
+        """(out, in) of the merged copy `dequantize_once` holds for this layer when its weight is dense (a
+        quantized weight's own copy is counted with it, and this one replaces it); else None."""
+        adapter = None if self.active is None else self.lora[self.active]
+        if self.routes is None and self.merges_for_inference(adapter) and is_dense(self.weight):
+            return tuple(self.weight.shape)
+        return None
+
+    def merged_weight(self, adapter: LoraAdapter, dtype: torch.dtype) -> torch.Tensor:
+        """W + ΔW (out, in) in `dtype`, what the layer computes with `adapter` active; QA-LoRA on deployed offsets:
+        the weight over its moved grid, the very Ŵ' that training and the merged file use."""
+        if self.moves_offsets(adapter):
+            return self.weight.dequantize(dtype, self.moved_offset(adapter))
+        return (dense_weight(self.weight, torch.float32) + self._delta(adapter)).to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.routes is not None:
             return self.routes.layer_forward(self, x)
         adapter = None if self.active is None else self.lora[self.active]
+        if self.merges_for_inference(adapter):
+            w = held(self, (self.active, x.dtype), lambda: self.merged_weight(adapter, x.dtype))
+            if w is not None:  # evaluation / generation inside dequantize_once(): one GEMM
+                return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         if (adapter is not None and self.kind == "linear" and not self.transposed and not self.disabled
                 and adapter.magnitude is None and not self.moves_offsets(adapter)):
             # out += (s · A drop(x)) Bᵀ as one GEMM into the base output: no (..., out) temporary and no separate

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from lorakit.kernels.patching import patch_forward, unpatch_forward
 from lorakit.quant.intn import group_sums
-from lorakit.quant.linear import dense_weight, offset_grad
+from lorakit.quant.linear import dense_weight, offset_grad, training_dense
 
 
 def _pool(m: Tensor, group_size: int | None) -> Tensor:
@@ -55,6 +55,10 @@ def swiglu_down_reference(g: Tensor, u: Tensor, weight, bias: Tensor | None,
 
 
 def _down_weight(weight, dtype: torch.dtype, moved: Tensor | None) -> Tensor:
+    if not isinstance(weight, Tensor):
+        held = training_dense(weight, dtype, moved)  # inside hold_dense(): one copy for forward and backward
+        if held is not None:
+            return held
     return dense_weight(weight, dtype) if moved is None else weight.dequantize(dtype, moved)
 
 
@@ -69,6 +73,7 @@ class _SwiGLUDown(torch.autograd.Function):
             h = F.linear(_pool(m, group_size), a.to(m.dtype)) * scaling  # (N, r)
             y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.to(m.dtype).t())
         ctx.weight = weight  # a frozen Parameter or a quantized module: a reference, not a copy
+        ctx.dense = None if isinstance(weight, Tensor) else training_dense(weight, m.dtype, moved)
         ctx.scaling = scaling
         ctx.group_size = group_size
         ctx.save_for_backward(g, u, bias, a, b, h, moved, sums)
@@ -78,7 +83,8 @@ class _SwiGLUDown(torch.autograd.Function):
     def backward(ctx, gy):
         g, u, bias, a, b, h, moved, sums = ctx.saved_tensors
         dtype = gy.dtype
-        gm = gy @ _down_weight(ctx.weight, dtype, moved)  # (N, f)
+        held = ctx.dense if ctx.dense is not None and ctx.dense.dtype == dtype else None
+        gm = gy @ (held if held is not None else _down_weight(ctx.weight, dtype, moved))  # (N, f)
         grad_a = grad_b = grad_bias = grad_moved = None
         if ctx.needs_input_grad[8]:
             grad_moved = offset_grad(gy, sums)
@@ -136,8 +142,8 @@ def _fused_mlp_forward(mlp: nn.Module, x: Tensor) -> Tensor:
     g, u = mlp.gate_proj(x), mlp.up_proj(x)
     down = mlp.down_proj
     weight = down.weight
-    if isinstance(weight, Tensor) and weight.requires_grad:
-        return down(F.silu(g) * u)  # a trainable base weight needs the plain path
+    if (isinstance(weight, Tensor) and weight.requires_grad) or not torch.is_grad_enabled():
+        return down(F.silu(g) * u)  # a trainable base weight needs the plain path; without grad nothing is saved
     if getattr(down, "is_lora_layer", False):
         if down.transposed or (down.active is not None and (down.disabled or not isinstance(down.lora[down.active].dropout, nn.Identity))):
             return down(F.silu(g) * u)  # dropout / PiSSA-disabled paths: keep the layer's own forward

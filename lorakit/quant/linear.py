@@ -34,14 +34,16 @@ def is_quantized_weight(obj: object) -> bool:
     return isinstance(obj, nn.Module) and callable(getattr(obj, "dequantize", None)) and hasattr(obj, "shape")
 
 
-_once = threading.local()  # .cache: {(id(weight), dtype): (weight, dense)} inside dequantize_once(), else absent
+_once = threading.local()  # .cache: {(id(owner), tag): (owner, dense)} inside dequantize_once() (`held`), else None
 
 
 @contextlib.contextmanager
 def dequantize_once() -> Iterator[None]:
     """Within the block, while grad is off, each quantized weight is dequantized once per dtype and reused
-    (for generation: one dense copy instead of one per token). Weights must not change inside the block
-    (no merge_); the dense copies are freed when it ends. Nests; per thread."""
+    (for generation: one dense copy instead of one per token), and a LoRA layer computes with one dense copy of
+    its weight with the active adapter merged (`LoraLayer.forward`: one GEMM instead of three). Weights and
+    adapters must not change inside the block (no merge_, no optimizer step); the copies are freed when it
+    ends. Nests; per thread."""
     if getattr(_once, "cache", None) is not None:
         yield
         return
@@ -52,13 +54,16 @@ def dequantize_once() -> Iterator[None]:
         _once.cache = None
 
 
-def dense_bytes(model: nn.Module, dtype: torch.dtype) -> int:
-    """Bytes the dense copies of `model`'s quantized weights take in `dtype` (what `dequantize_once` holds)."""
+def dense_bytes(model: nn.Module, dtype: torch.dtype, merged: bool = True) -> int:
+    """Bytes of the dense copies `dequantize_once` holds for `model` in `dtype`: one per quantized weight, and
+    (`merged`) one per adapted layer over a dense weight (its `held_shape`: the weight with the adapter
+    merged). `merged=False`: the quantized weights only (what `hold_dense` holds)."""
     size = torch.empty((), dtype=dtype).element_size()
     total = 0
     for module in model.modules():
-        if is_quantized_weight(module):
-            rows, cols = module.shape
+        shape = module.shape if is_quantized_weight(module) else getattr(module, "held_shape", None) if merged else None
+        if shape is not None:
+            rows, cols = shape
             total += rows * cols * size
     return total
 
@@ -83,20 +88,67 @@ def dequantize_once_if_it_fits(model: nn.Module, dtype: torch.dtype, share: floa
     memory still available (or the model has none: nothing to hold); otherwise a block that changes nothing,
     so inference dequantizes on the fly as before. For evaluation and generation on a 4-bit base."""
     need = dense_bytes(model, dtype)
-    free = available_memory_bytes()
-    if need == 0 or (free is not None and need > share * free):
+    if need == 0 or not fits(need, share):
         return contextlib.nullcontext()
     return dequantize_once()
 
 
-def _dequantized(weight: nn.Module, dtype: torch.dtype) -> Tensor:
+_hold = threading.local()  # .cache: {(id(weight), dtype, moved or not): (weight, dense)} inside hold_dense(), else None
+
+
+@contextlib.contextmanager
+def hold_dense() -> Iterator[None]:
+    """Within the block, with grad on, each quantized weight is dequantized once per dtype, at its first forward,
+    and that dense copy serves every later forward in the block and the backward of each (`training_dense`):
+    one dequantization per weight for a micro-batch instead of two per forward (the forward's and the
+    backward's). For a decoder run twice on one micro-batch (a shared prompt prefix, then the rows) that is
+    one instead of four. Costs one dense copy of the quantized layers from the forward until its backward.
+    Adapters must not change inside the block (QA-LoRA's moved offsets are taken at the first forward).
+    Nests; per thread."""
+    if getattr(_hold, "cache", None) is not None:
+        yield
+        return
+    _hold.cache = {}
+    try:
+        yield
+    finally:
+        _hold.cache = None
+
+
+def fits(need: int, share: float = 0.5) -> bool:
+    """Whether `need` bytes are at most `share` of the memory still available (True when that is unknown)."""
+    free = available_memory_bytes()
+    return free is None or need <= share * free
+
+
+def training_dense(weight: nn.Module, dtype: torch.dtype, moved: Tensor | None) -> Tensor | None:
+    """Inside `hold_dense()`: the weight dense in `dtype` (over its moved grid when `moved` is given), built at
+    its first use in the block; elsewhere None."""
+    cache = getattr(_hold, "cache", None)
+    if cache is None:
+        return None
+    key = (id(weight), dtype, moved is None)
+    if key not in cache:
+        cache[key] = (weight, weight.dequantize(dtype) if moved is None else weight.dequantize(dtype, moved))
+    return cache[key][1]
+
+
+def held(owner: object, tag: object, make) -> Tensor | None:
+    """Inside `dequantize_once()` without grad: the tensor `make()` built for (`owner`, `tag`) the first time it
+    is asked for, the same tensor after that (a dense copy of a quantized weight, a layer's weight with its
+    adapter merged); elsewhere None. Holding `owner` keeps its id from being reused while the block lasts."""
     cache = getattr(_once, "cache", None)
     if cache is None or torch.is_grad_enabled():
-        return weight.dequantize(dtype)
-    key = (id(weight), dtype)
+        return None
+    key = (id(owner), tag)
     if key not in cache:
-        cache[key] = (weight, weight.dequantize(dtype))  # holding the weight keeps its id from being reused
+        cache[key] = (owner, make())
     return cache[key][1]
+
+
+def _dequantized(weight: nn.Module, dtype: torch.dtype) -> Tensor:
+    dense = held(weight, dtype, lambda: weight.dequantize(dtype))
+    return weight.dequantize(dtype) if dense is None else dense
 
 
 def dense_weight(weight: Tensor | nn.Module, dtype: torch.dtype) -> Tensor:
@@ -126,10 +178,8 @@ def offset_linear(x: Tensor, weight: nn.Module, bias: Tensor | None, moved: Tens
                   ∂L/∂b     = Σ over leading dims of ∂L/∂y
 
     Equal to x Ŵᵀ + S movedᵀ + b (the base output plus the update through the group sums) in exact
-    arithmetic, with one GEMM each way instead of two and no (..., in) gradient of S to add. Inside
-    `dequantize_once()` without grad (evaluation, generation) it takes that form, over the one cached Ŵ."""
-    if not torch.is_grad_enabled() and getattr(_once, "cache", None) is not None:
-        return linear(x, weight, bias) + F.linear(group_sums(x, weight.group_size), moved.to(x.dtype))
+    arithmetic, with one GEMM each way instead of two and no (..., in) gradient of S to add. (Evaluation and
+    generation inside `dequantize_once()` hold Ŵ' itself: `LoraLayer.merged_weight`.)"""
     return _DequantizingLinear.apply(x, weight, bias, moved)
 
 
@@ -139,13 +189,16 @@ def offset_grad(grad_out: Tensor, sums: Tensor) -> Tensor:
 
 
 class _DequantizingLinear(torch.autograd.Function):
-    """Saves the quantized weight module on ctx and no dense weight; with `moved` offsets (`offset_linear`)
-    also the moved offsets and the group sums of x."""
+    """Saves the quantized weight module on ctx and no dense weight (inside `hold_dense()`, the held one); with
+    `moved` offsets (`offset_linear`) also the moved offsets and the group sums of x."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: nn.Module, bias: Tensor | None, moved: Tensor | None) -> Tensor:
         ctx.weight = weight
-        dense = weight.dequantize(x.dtype) if moved is None else weight.dequantize(x.dtype, moved)
+        ctx.dense = training_dense(weight, x.dtype, moved)  # inside hold_dense(): kept for backward
+        dense = ctx.dense
+        if dense is None:
+            dense = weight.dequantize(x.dtype) if moved is None else weight.dequantize(x.dtype, moved)
         sums = group_sums(x, weight.group_size) if ctx.needs_input_grad[3] else None
         ctx.save_for_backward(moved, sums)
         return F.linear(x, dense, None if bias is None else bias.to(x.dtype))
@@ -156,8 +209,11 @@ class _DequantizingLinear(torch.autograd.Function):
         weight = ctx.weight
         grad_x = grad_bias = grad_moved = None
         if ctx.needs_input_grad[0]:  # (..., out) @ (out, in)
-            grad_x = grad_out @ (weight.dequantize(grad_out.dtype) if moved is None
-                                 else weight.dequantize(grad_out.dtype, moved))
+            dense = ctx.dense if ctx.dense is not None and ctx.dense.dtype == grad_out.dtype else None
+            if dense is None:
+                dense = (weight.dequantize(grad_out.dtype) if moved is None
+                         else weight.dequantize(grad_out.dtype, moved))
+            grad_x = grad_out @ dense
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)   # (out,)
         if ctx.needs_input_grad[3]:

@@ -16,6 +16,7 @@ The model comes from `config.model` prepared for `config.method` (`load_model`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -62,10 +63,13 @@ class CausalLM:
         return count_loss_tokens(batch)
 
     def loss(self, model, batch: dict) -> torch.Tensor:
-        return micro_loss(model, batch)
+        # FSDP gathers a block's weights at every forward: a prefix's extra decoder call (and the held dense
+        # copies) would undo the sharding, and ranks must call the decoder alike
+        return micro_loss(model, batch, share_prefix=not self.config.train.fsdp)
 
     def evaluate(self, model, examples, world) -> dict[str, float]:
-        loss = evaluate(model, examples, pad_id_of(self.tokenizer), world=world, loss_fn=self.loss)
+        loss = evaluate(model, examples, pad_id_of(self.tokenizer), world=world, loss_fn=self.loss,
+                        hold=not self.config.train.fsdp)  # dense copies would undo FSDP's sharding
         return {"valid_loss": loss, "valid_ppl": math.exp(loss)}
 
     def summary(self, before: dict | None, after: dict | None, per_s: float) -> dict:
@@ -260,37 +264,57 @@ def batch_inputs(rows, pad_id: int, dtype: torch.dtype = torch.float32, device: 
     return batch
 
 
-def micro_loss(model, batch: dict) -> torch.Tensor:
+def micro_loss(model, batch: dict, share_prefix: bool = True) -> torch.Tensor:
     from lorakit.tasks.losses import causal_lm_loss
 
     extra = {"position_ids": batch["position_ids"]} if batch.get("position_ids") is not None else {}
-    return causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"], **extra)
+    return causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                          share_prefix=share_prefix, **extra)
 
 
 def count_loss_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
+def evaluation_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices of rows in length order, cut into batches of at most `batch_tokens` padded tokens (rows x the
+    longest row's length; a longer row alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, current = [], []
+    for i in order:
+        if current and (len(current) + 1) * lengths[i] > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + [current] if current else batches
+
+
 @torch.no_grad()
-def evaluate(model, examples, pad_id: int, batch_size: int = 8, world=None, loss_fn=micro_loss) -> float:
-    """Token-weighted mean loss over `examples` (exp of it is the perplexity), in length-sorted batches;
-    with several processes each evaluates every P-th batch and the sums are all-reduced."""
+def evaluate(model, examples, pad_id: int, batch_tokens: int = 2048, world=None, loss_fn=micro_loss,
+             hold: bool = True) -> float:
+    """Token-weighted mean loss over `examples` (exp of it is the perplexity), in length-sorted batches of at
+    most `batch_tokens` padded tokens; with several processes each evaluates every P-th batch and the sums are
+    all-reduced. `hold`: inside `dequantize_once` (when the copies fit in half the free memory) each layer's
+    weight with its adapter merged is built once for all batches, and a prompt prefix every row shares is
+    computed once."""
     from lorakit.quant.linear import dequantize_once_if_it_fits
     from lorakit.training.distributed import World
 
     world = world or World()
     was_training = model.training
     model.eval()
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    batches = evaluation_batches([len(e.input_ids) for e in examples], batch_tokens)
     total, count = 0.0, 0
     dtype = compute_dtype(model)
-    with dequantize_once_if_it_fits(model, dtype):  # a 4-bit base: one dense copy for all batches
-        for start in range(world.rank * batch_size, len(order), batch_size * world.size):
-            rows = [examples[i] for i in order[start:start + batch_size]]
-            batch = batch_inputs(rows, pad_id, dtype, world.device)
-            n = count_loss_tokens(batch)
+    mine = batches[world.rank::world.size]
+    with dequantize_once_if_it_fits(model, dtype) if hold else contextlib.nullcontext():
+        for i in range(-(-len(batches) // world.size)):  # as many forwards on every process (FSDP gathers in each)
+            index = mine[i] if i < len(mine) else batches[0][:1]  # no batch left here: one row, not counted
+            batch = batch_inputs([examples[j] for j in index], pad_id, dtype, world.device)
+            n = count_loss_tokens(batch) if i < len(mine) else 0
+            loss = loss_fn(model, batch)
             if n:
-                total += loss_fn(model, batch).item() * n
+                total += loss.item() * n
                 count += n
     total, count = world.sum(total, count)
     model.train(was_training)

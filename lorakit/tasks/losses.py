@@ -31,10 +31,12 @@ output embedding (the lm_head) as W, never calling the lm_head on all tokens.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
-from lorakit.quant.linear import dense_weight
+from lorakit.quant.linear import dense_bytes, dense_weight, fits, hold_dense
 
 
 def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -200,6 +202,7 @@ def causal_lm_loss(
     labels: Tensor,
     attention_mask: Tensor | None = None,
     chunk_size: int = 256,
+    share_prefix: bool = True,
     **model_kwargs,
 ) -> Tensor:
     """Mean next-token cross-entropy of a Hugging Face causal LM without materialising logits.
@@ -207,18 +210,34 @@ def causal_lm_loss(
     input_ids, labels, attention_mask: (B, T). Token t predicts labels[:, t + 1]; labels equal to
     -100 (prompt, padding) are ignored, exactly as ``model(input_ids, attention_mask=...,
     labels=labels).loss`` (which this equals to fp32 rounding). As there, padding is only ignored
-    where its labels are -100.
+    where its labels are -100. `share_prefix`: when all rows begin with the same prompt tokens (a chat
+    template's system prompt), the decoder computes those positions once (`lorakit.tasks.shared_prefix`:
+    the same loss and gradients to float rounding).
     """
     if labels.shape != input_ids.shape:
         raise ValueError(
             f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}"
         )
+    from lorakit.tasks.base import compute_dtype
+    from lorakit.tasks.shared_prefix import decode_with_shared_prefix, prefix_cache, shared_length
+
     head = _output_head(model)
-    # model_kwargs: e.g. position_ids for packed rows (their attention_mask is then 4-D, block-diagonal)
-    out = _decoder(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
-    hidden = out.last_hidden_state  # (B, T, d)
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), d): positions that predict
-    targets = labels[:, 1:].reshape(-1)  # (B*(T-1),): the next token
+    decoder = _decoder(model)
+    S = shared_length(input_ids, labels, attention_mask) if share_prefix and not model_kwargs else 0
+    training = torch.is_grad_enabled()
+    if S and training and not fits(dense_bytes(model, compute_dtype(model), merged=False)):
+        S = 0  # the decoder runs twice: without held dense weights that dequantizes each weight four times
+    cache = prefix_cache(decoder, model) if S else None
+    if cache is not None:
+        with hold_dense() if training else contextlib.nullcontext():  # one dequantization per weight
+            hidden = decode_with_shared_prefix(decoder, cache, input_ids, attention_mask, S)  # (B, T - S, d)
+    else:
+        S = 0
+        # model_kwargs: e.g. position_ids for packed rows (their attention_mask is then 4-D, block-diagonal)
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                         **model_kwargs).last_hidden_state  # (B, T, d)
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-S-1), d): positions S..T-2 predict
+    targets = labels[:, S + 1:].reshape(-1)  # (B*(T-S-1),): the next token
     return chunked_cross_entropy(
         hidden, head.weight, targets, bias=getattr(head, "bias", None), chunk_size=chunk_size
     )

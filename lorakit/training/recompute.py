@@ -100,3 +100,9 @@ def disable_gradient_checkpointing(model: nn.Module) -> int:
             block.forward = inner  # an instance forward set before ours (e.g. accelerate's hooks)
         unwrapped += 1
     return unwrapped
+
+
+def is_checkpointing(model: nn.Module) -> bool:
+    """Whether blocks of `model` recompute their forward in backward: lorakit's `enable_gradient_checkpointing`
+    or transformers' own `gradient_checkpointing_enable()` (its modules' `gradient_checkpointing` flag)."""
+    return any(_INNER in m.__dict__ or getattr(m, "gradient_checkpointing", False) is True for m in model.modules())

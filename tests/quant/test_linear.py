@@ -148,27 +148,6 @@ def test_dequantize_once_builds_each_weight_once_without_grad_and_gives_the_same
     assert len(calls) == 2
 
 
-def test_moved_offsets_use_the_cached_base_inside_dequantize_once(monkeypatch):
-    """QA-LoRA on deployed offsets (offset_linear): without grad inside dequantize_once, the base is built once
-    and the update added through the group sums; the same outputs as the one-GEMM form."""
-    from lorakit.quant.intn import IntNWeight
-    from lorakit.quant.linear import dequantize_once, offset_linear
-
-    weight = IntNWeight.from_float(torch.randn(OUT, IN), 4, 16)
-    moved = torch.randn(OUT, IN // 16) * 0.01
-    x = torch.randn(3, IN)
-    with torch.no_grad():
-        want = offset_linear(x, weight, None, moved)
-    calls = []
-    original = weight.dequantize
-    monkeypatch.setattr(weight, "dequantize", lambda *a, **k: calls.append(a) or original(*a, **k))
-    with torch.no_grad(), dequantize_once():
-        got = [offset_linear(x, weight, None, moved) for _ in range(4)]
-    assert len(calls) == 1
-    for y in got:
-        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
-
-
 def test_dequantize_once_if_it_fits_caches_only_when_the_dense_copy_fits(monkeypatch):
     import importlib
 

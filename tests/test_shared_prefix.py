@@ -1,0 +1,193 @@
+"""The shared prompt prefix (lorakit.tasks.shared_prefix) and the merged weights evaluation holds
+(LoraLayer.merged_weight inside dequantize_once): the same losses and gradients as the plain forward."""
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.quant.linear import dense_bytes, dequantize_once
+from lorakit.tasks import shared_prefix
+from lorakit.tasks.causal_lm import evaluate
+from lorakit.tasks.losses import causal_lm_loss
+from tiny_models import randomise_trainable_, tiny_llama
+
+transformers = pytest.importorskip("transformers")
+
+FP32 = {"rtol": 1e-5, "atol": 1e-6}
+P = 12  # tokens every row begins with (a system prompt)
+
+
+def batch(B=4, T=30, seed=0):
+    """B rows sharing their first P tokens; labels ignored over the first 15 (the prompt); rows 1 and 2 padded."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 128, (B, T), generator=g)
+    ids[:, :P] = ids[0, :P]
+    labels = ids.clone()
+    labels[:, :15] = -100
+    mask = torch.ones(B, T, dtype=torch.long)
+    for row, end in ((1, 25), (2, 20)):
+        mask[row, end:], labels[row, end:], ids[row, end:] = 0, -100, 0
+    return ids, labels, mask
+
+
+def model_with(method: str):
+    model = tiny_llama()
+    if method == "qlora":
+        lorakit.quantize_(model, lorakit.NF4Config())
+    elif method.startswith("qalora"):  # "qalora fp16": offsets deployed in fp16 (a GGUF Q4_1 base) are moved
+        lorakit.quantize_(model, lorakit.IntNConfig(bits=4, group_size=32,
+                                                    scale_dtype="float16" if "fp16" in method else "float32"))
+    group = 32 if method.startswith("qalora") else None
+    lorakit.inject_adapters(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear", group_size=group))
+    randomise_trainable_(model, seed=3, std=0.1)
+    return model
+
+
+def loss_and_grads(model, share, ids, labels, mask):
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = causal_lm_loss(model, ids, labels, mask, share_prefix=share)
+    return loss, torch.autograd.grad(loss, params)
+
+
+def test_shared_length_conditions():
+    ids, labels, mask = batch()
+    assert shared_prefix.shared_length(ids, labels, mask) == P - 1  # the last common token stays in the rows
+    assert shared_prefix.shared_length(ids[:1], labels[:1], mask[:1]) == 0  # one row: nothing to share
+    assert shared_prefix.shared_length(ids, labels, None) == 0
+    assert shared_prefix.shared_length(ids, labels, mask[:, None, None].expand(-1, 1, 30, 30)) == 0  # packed rows
+    on_prompt = labels.clone()
+    on_prompt[:, 3] = ids[:, 3]  # a loss inside the prefix (train_on_prompt): not shared
+    assert shared_prefix.shared_length(ids, on_prompt, mask) == 0
+    short = ids.clone()
+    short[1, shared_prefix.MIN_SHARED] += 1  # rows part before MIN_SHARED + 1 tokens
+    assert shared_prefix.shared_length(short, labels, mask) == 0
+    same = ids[:1].repeat(3, 1)  # identical rows: all but the last two positions are shared
+    assert shared_prefix.shared_length(same, torch.full_like(same, -100), torch.ones_like(same)) == 28
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "qalora", "qalora fp16"])
+def test_training_loss_and_gradients_equal_the_plain_forward(method):
+    model = model_with(method).train()
+    lorakit.fuse_for_training_(model)
+    ids, labels, mask = batch()
+    calls = []
+    real = shared_prefix.decode_with_shared_prefix
+    shared_prefix.decode_with_shared_prefix = lambda *a: calls.append(a[-1]) or real(*a)
+    try:
+        shared, shared_grads = loss_and_grads(model, True, ids, labels, mask)
+    finally:
+        shared_prefix.decode_with_shared_prefix = real
+    plain, plain_grads = loss_and_grads(model, False, ids, labels, mask)
+    assert calls == [P - 1]
+    torch.testing.assert_close(shared, plain, **FP32)
+    for got, want in zip(shared_grads, plain_grads):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    hf = model(ids, attention_mask=mask, labels=labels).loss  # and both equal transformers' own loss
+    torch.testing.assert_close(shared, hf, **FP32)
+
+
+def test_a_shared_training_step_dequantizes_each_weight_once(monkeypatch):
+    """The decoder runs twice (prefix, rows), each with a backward: hold_dense keeps one dense copy per weight
+    from the first forward for all four, instead of dequantizing four times."""
+    from lorakit.quant.intn import IntNWeight
+
+    model = model_with("qalora fp16").train()
+    lorakit.fuse_for_training_(model)  # the down projection goes through the SwiGLU kernel
+    calls = []
+    original = IntNWeight.dequantize
+    monkeypatch.setattr(IntNWeight, "dequantize", lambda self, *a, **k: calls.append(id(self)) or original(self, *a, **k))
+    weights = [m for m in model.modules() if isinstance(m, IntNWeight)]
+    ids, labels, mask = batch()
+    causal_lm_loss(model, ids, labels, mask).backward()
+    assert sorted(calls) == sorted(id(w) for w in weights)
+    calls.clear()
+    causal_lm_loss(model, ids, labels, mask, share_prefix=False).backward()  # on the fly: forward and backward,
+    assert len(calls) == 2 * len(weights) - 3  # but layer 0's q, k, v need no input gradient (the embeddings)
+
+
+def test_gradient_checkpointing_and_sliding_windows_are_not_shared():
+    model = model_with("lora").train()
+    decoder = model.model
+    assert shared_prefix.prefix_cache(decoder, model) is not None
+    lorakit.enable_gradient_checkpointing(model)  # a recomputed block would run without the prefix's cache
+    assert shared_prefix.prefix_cache(decoder, model) is None
+    with torch.no_grad():  # no recompute without grad
+        assert shared_prefix.prefix_cache(decoder, model) is not None
+    lorakit.disable_gradient_checkpointing(model)
+    on, off = (("activation_checkpointing_enable", "activation_checkpointing_disable")
+               if hasattr(model, "activation_checkpointing_enable")
+               else ("gradient_checkpointing_enable", "gradient_checkpointing_disable"))
+    getattr(model, on)()  # transformers' own
+    assert shared_prefix.prefix_cache(decoder, model) is None
+    getattr(model, off)()
+    assert shared_prefix.prefix_cache(decoder, model) is not None
+    config = transformers.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=16)
+    mistral = transformers.MistralForCausalLM(config)
+    assert shared_prefix.prefix_cache(mistral.model, mistral) is None
+    ids, labels, mask = batch()  # and its loss is the plain forward's
+    torch.testing.assert_close(causal_lm_loss(mistral, ids, labels, mask),
+                               causal_lm_loss(mistral, ids, labels, mask, share_prefix=False))
+
+
+@pytest.mark.parametrize("method", ["lora", "qalora", "qalora fp16"])
+def test_evaluation_merges_each_layer_once_and_computes_the_prefix_once(method):
+    model = model_with(method)
+    lorakit.fuse_for_training_(model)
+    rows = []
+    for seed in range(3):  # three batches of 4 rows, all beginning with the same P tokens
+        ids, labels, mask = batch(seed=seed)
+        ids[:, :P] = batch()[0][0, :P]
+        rows.append((ids, labels, mask))
+    with torch.no_grad():
+        plain = [causal_lm_loss(model, *r, share_prefix=False) for r in rows]
+    calls = []
+    decoder = model.model
+    hook = decoder.register_forward_pre_hook(lambda m, a, kw: calls.append(tuple(kw["input_ids"].shape)),
+                                             with_kwargs=True)
+    merged = []
+    with torch.no_grad(), dequantize_once():
+        for r in rows:
+            merged.append(causal_lm_loss(model, *r))
+        layer = next(m for m in model.modules() if isinstance(m, lorakit.LoraLayer))
+        held = layer(torch.ones(1, layer.in_out[0]))
+        assert held.shape[-1] == layer.in_out[1]
+    hook.remove()
+    assert calls == [(1, P - 1), (4, 30 - P + 1), (4, 30 - P + 1), (4, 30 - P + 1)]  # the prefix once
+    for got, want in zip(merged, plain):
+        torch.testing.assert_close(got, want, **FP32)
+
+
+def test_merged_weight_is_what_the_layer_computes_and_counts_in_dense_bytes():
+    for method in ("lora", "qalora", "qalora fp16"):
+        model = model_with(method)
+        x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(4))
+        layer = model.model.layers[0].self_attn.q_proj
+        want = layer(x)
+        with torch.no_grad(), dequantize_once():
+            got = layer(x)
+            assert layer(x) is not got  # a fresh output, the held weight reused
+        if method == "qalora fp16":  # the very grid training and the merged file use: bit for bit
+            w = layer.merged_weight(layer.adapter(), torch.float32)
+            torch.testing.assert_close(got, torch.nn.functional.linear(x, w), rtol=0, atol=0)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=method)
+    lora, plain = model_with("lora"), tiny_llama()
+    linear_bytes = sum(m.weight.numel() * 4 for m in plain.modules()
+                       if isinstance(m, torch.nn.Linear) and m is not plain.lm_head)
+    assert dense_bytes(plain, torch.float32) == 0
+    assert dense_bytes(lora, torch.float32) == linear_bytes  # one merged copy per adapted layer
+    with lorakit.disable_adapters(lora):
+        assert dense_bytes(lora, torch.float32) == 0
+
+
+def test_evaluate_equals_the_unshared_unmerged_loss():
+    from lorakit.data.render import Example
+
+    model = model_with("qalora fp16")
+    ids, labels, mask = batch(B=8)
+    examples = [Example(ids[b][mask[b] == 1].tolist(), labels[b][mask[b] == 1].tolist()) for b in range(8)]
+    with torch.no_grad():  # the token-weighted mean over all rows: the plain loss of one batch of them all
+        want = causal_lm_loss(model, ids, labels, mask, share_prefix=False).item()
+    got = evaluate(model, examples, pad_id=0, batch_tokens=3 * 30)  # batches of 3 rows, shared prefix, merged weights
+    assert abs(got - want) < 1e-5 * want
