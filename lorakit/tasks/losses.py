@@ -39,6 +39,11 @@ from torch import Tensor, nn
 from lorakit.quant.linear import dense_bytes, dense_weight, fits, hold_dense
 
 
+# A shared prefix in training holds dense copies of the quantized weights (`hold_dense`) only while they take at
+# most this share of the free memory: a 4-bit base is chosen for its memory, so a large one is not shared instead.
+HOLD_SHARE = 0.125
+
+
 def _logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """(c, d) x (V, d) [+ (V,)] -> (c, V) logits computed in the input dtype, returned in fp32."""
     z = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
@@ -225,7 +230,7 @@ def causal_lm_loss(
     decoder = _decoder(model)
     S = shared_length(input_ids, labels, attention_mask) if share_prefix and not model_kwargs else 0
     training = torch.is_grad_enabled()
-    if S and training and not fits(dense_bytes(model, compute_dtype(model), merged=False)):
+    if S and training and not fits(dense_bytes(model, compute_dtype(model), merged=False), share=HOLD_SHARE):
         S = 0  # the decoder runs twice: without held dense weights that dequantizes each weight four times
     cache = prefix_cache(decoder, model) if S else None
     if cache is not None:

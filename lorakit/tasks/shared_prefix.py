@@ -23,7 +23,10 @@ is shared (S = 0, the ordinary forward) when any condition below fails; it is ne
 - the decoder takes a transformers `Cache` as `cache=` (transformers >= 5.24) and the model's cache is
   full attention only (a sliding window would need its own handling);
 - while training with grad, no gradient checkpointing: a checkpointed block recomputes without the cache
-  (`lorakit.training.recompute`), which would drop the prefix.
+  (`lorakit.training.recompute`), which would drop the prefix;
+- while training a quantized base, its dense copies fit in `losses.HOLD_SHARE` of the free memory: the two
+  decoder calls and their backwards share one dequantization per weight (`lorakit.quant.linear.hold_dense`),
+  where dequantizing on the fly would take four.
 """
 
 from __future__ import annotations
