@@ -160,7 +160,10 @@ def test_evaluation_merges_each_layer_once_and_computes_the_prefix_once(method):
 
 
 def test_merged_weight_is_what_the_layer_computes_and_counts_in_dense_bytes():
-    for method in ("lora", "qalora", "qalora fp16"):
+    import importlib
+
+    linear_module = importlib.import_module("lorakit.quant.linear")  # the module, not lorakit.quant's linear()
+    for method in ("lora", "qlora", "qalora", "qalora fp16"):
         model = model_with(method)
         x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(4))
         layer = model.model.layers[0].self_attn.q_proj
@@ -168,6 +171,7 @@ def test_merged_weight_is_what_the_layer_computes_and_counts_in_dense_bytes():
         with torch.no_grad(), dequantize_once():
             got = layer(x)
             assert layer(x) is not got  # a fresh output, the held weight reused
+            assert len(linear_module._once.cache) == 1  # the merged copy only, not the base's dense one too
         if method == "qalora fp16":  # the very grid training and the merged file use: bit for bit
             w = layer.merged_weight(layer.adapter(), torch.float32)
             torch.testing.assert_close(got, torch.nn.functional.linear(x, w), rtol=0, atol=0)

@@ -345,7 +345,9 @@ class LoraLayer(nn.Module):
         the weight over its moved grid, the very Ŵ' that training and the merged file use."""
         if self.moves_offsets(adapter):
             return self.weight.dequantize(dtype, self.moved_offset(adapter))
-        return (dense_weight(self.weight, torch.float32) + self._delta(adapter)).to(dtype)
+        # not dense_weight: inside dequantize_once that would keep the base's dense copy as well as this one
+        base = self.weight.float() if is_dense(self.weight) else self.weight.dequantize(torch.float32)
+        return (base + self._delta(adapter)).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.routes is not None:

@@ -38,20 +38,25 @@ _once = threading.local()  # .cache: {(id(owner), tag): (owner, dense)} inside d
 
 
 @contextlib.contextmanager
-def dequantize_once() -> Iterator[None]:
+def _scope(store: threading.local) -> Iterator[None]:
+    """`store.cache`, a dict, for the block; nested blocks share the outermost one's."""
+    if getattr(store, "cache", None) is not None:
+        yield
+        return
+    store.cache = {}
+    try:
+        yield
+    finally:
+        store.cache = None
+
+
+def dequantize_once() -> contextlib.AbstractContextManager[None]:
     """Within the block, while grad is off, each quantized weight is dequantized once per dtype and reused
     (for generation: one dense copy instead of one per token), and a LoRA layer computes with one dense copy of
     its weight with the active adapter merged (`LoraLayer.forward`: one GEMM instead of three). Weights and
     adapters must not change inside the block (no merge_, no optimizer step); the copies are freed when it
     ends. Nests; per thread."""
-    if getattr(_once, "cache", None) is not None:
-        yield
-        return
-    _once.cache = {}
-    try:
-        yield
-    finally:
-        _once.cache = None
+    return _scope(_once)
 
 
 def dense_bytes(model: nn.Module, dtype: torch.dtype, merged: bool = True) -> int:
@@ -96,8 +101,7 @@ def dequantize_once_if_it_fits(model: nn.Module, dtype: torch.dtype, share: floa
 _hold = threading.local()  # .cache: {(id(weight), dtype, moved or not): (weight, dense)} inside hold_dense(), else None
 
 
-@contextlib.contextmanager
-def hold_dense() -> Iterator[None]:
+def hold_dense() -> contextlib.AbstractContextManager[None]:
     """Within the block, with grad on, each quantized weight is dequantized once per dtype, at its first forward,
     and that dense copy serves every later forward in the block and the backward of each (`training_dense`):
     one dequantization per weight for a micro-batch instead of two per forward (the forward's and the
@@ -105,14 +109,7 @@ def hold_dense() -> Iterator[None]:
     one instead of four. Costs one dense copy of the quantized layers from the forward until its backward.
     Adapters must not change inside the block (QA-LoRA's moved offsets are taken at the first forward).
     Nests; per thread."""
-    if getattr(_hold, "cache", None) is not None:
-        yield
-        return
-    _hold.cache = {}
-    try:
-        yield
-    finally:
-        _hold.cache = None
+    return _scope(_hold)
 
 
 def fits(need: int, share: float = 0.5) -> bool:
