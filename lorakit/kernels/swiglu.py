@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from lorakit.kernels.patching import patch_forward, unpatch_forward
 from lorakit.quant.intn import group_sums
-from lorakit.quant.linear import dense_weight, offset_grad, training_dense
+from lorakit.quant.linear import dense_weight, kept_or_dense, offset_grad, training_dense
 
 
 def _pool(m: Tensor, group_size: int | None) -> Tensor:
@@ -54,26 +54,19 @@ def swiglu_down_reference(g: Tensor, u: Tensor, weight, bias: Tensor | None,
     return y
 
 
-def _down_weight(weight, dtype: torch.dtype, moved: Tensor | None) -> Tensor:
-    if not isinstance(weight, Tensor):
-        held = training_dense(weight, dtype, moved)  # inside hold_dense(): one copy for forward and backward
-        if held is not None:
-            return held
-    return dense_weight(weight, dtype) if moved is None else weight.dequantize(dtype, moved)
-
-
 class _SwiGLUDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, u, weight, bias, a, b, scaling, group_size, moved):
         m = F.silu(g) * u  # (N, f), freed after forward
-        y = F.linear(m, _down_weight(weight, m.dtype, moved), None if bias is None else bias.to(m.dtype))  # (N, d)
+        ctx.dense = training_dense(weight, m.dtype, moved)  # inside hold_dense(): one copy for forward and backward
+        y = F.linear(m, kept_or_dense(ctx.dense, weight, m.dtype, moved),
+                     None if bias is None else bias.to(m.dtype))  # (N, d)
         sums = group_sums(m, weight.group_size) if ctx.needs_input_grad[8] else None  # (N, f/g)
         h = None
         if a is not None:
             h = F.linear(_pool(m, group_size), a.to(m.dtype)) * scaling  # (N, r)
             y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.to(m.dtype).t())
         ctx.weight = weight  # a frozen Parameter or a quantized module: a reference, not a copy
-        ctx.dense = None if isinstance(weight, Tensor) else training_dense(weight, m.dtype, moved)
         ctx.scaling = scaling
         ctx.group_size = group_size
         ctx.save_for_backward(g, u, bias, a, b, h, moved, sums)
@@ -83,8 +76,7 @@ class _SwiGLUDown(torch.autograd.Function):
     def backward(ctx, gy):
         g, u, bias, a, b, h, moved, sums = ctx.saved_tensors
         dtype = gy.dtype
-        held = ctx.dense if ctx.dense is not None and ctx.dense.dtype == dtype else None
-        gm = gy @ (held if held is not None else _down_weight(ctx.weight, dtype, moved))  # (N, f)
+        gm = gy @ kept_or_dense(ctx.dense, ctx.weight, dtype, moved)  # (N, f)
         grad_a = grad_b = grad_bias = grad_moved = None
         if ctx.needs_input_grad[8]:
             grad_moved = offset_grad(gy, sums)

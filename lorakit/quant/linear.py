@@ -118,29 +118,46 @@ def fits(need: int, share: float = 0.5) -> bool:
     return free is None or need <= share * free
 
 
-def training_dense(weight: nn.Module, dtype: torch.dtype, moved: Tensor | None) -> Tensor | None:
-    """Inside `hold_dense()`: the weight dense in `dtype` (over its moved grid when `moved` is given), built at
-    its first use in the block; elsewhere None."""
-    cache = getattr(_hold, "cache", None)
+def _kept(store: threading.local, owner: object, tag: object, make) -> Tensor | None:
+    """Inside `store`'s block (`_scope`): the tensor `make()` built for (`owner`, `tag`) the first time it is
+    asked for, the same tensor after that; elsewhere None. Holding `owner` keeps its id from being reused while
+    the block lasts."""
+    cache = getattr(store, "cache", None)
     if cache is None:
-        return None
-    key = (id(weight), dtype, moved is None)
-    if key not in cache:
-        cache[key] = (weight, weight.dequantize(dtype) if moved is None else weight.dequantize(dtype, moved))
-    return cache[key][1]
-
-
-def held(owner: object, tag: object, make) -> Tensor | None:
-    """Inside `dequantize_once()` without grad: the tensor `make()` built for (`owner`, `tag`) the first time it
-    is asked for, the same tensor after that (a dense copy of a quantized weight, a layer's weight with its
-    adapter merged); elsewhere None. Holding `owner` keeps its id from being reused while the block lasts."""
-    cache = getattr(_once, "cache", None)
-    if cache is None or torch.is_grad_enabled():
         return None
     key = (id(owner), tag)
     if key not in cache:
         cache[key] = (owner, make())
     return cache[key][1]
+
+
+def training_dense(weight: Tensor | nn.Module, dtype: torch.dtype, moved: Tensor | None) -> Tensor | None:
+    """Inside `hold_dense()`: a quantized weight dense in `dtype` (over its moved grid when `moved` is given),
+    built at its first use in the block; elsewhere, and for a dense weight, None."""
+    if isinstance(weight, Tensor):
+        return None
+    return _kept(_hold, weight, (dtype, moved is None), lambda: _dense(weight, dtype, moved))
+
+
+def kept_or_dense(kept: Tensor | None, weight: Tensor | nn.Module, dtype: torch.dtype,
+                  moved: Tensor | None) -> Tensor:
+    """`kept` (a `training_dense` copy, for a backward) when it is in `dtype`, else the weight dense now."""
+    return kept if kept is not None and kept.dtype == dtype else _dense(weight, dtype, moved)
+
+
+def _dense(weight: Tensor | nn.Module, dtype: torch.dtype, moved: Tensor | None) -> Tensor:
+    """The (out, in) weight in `dtype`, dequantized now (over its moved grid when `moved` is given). Not through
+    `held`: autograd runs a Function's forward and backward with grad off, which is no sign of inference."""
+    if isinstance(weight, Tensor):
+        return weight.to(dtype)
+    return weight.dequantize(dtype) if moved is None else weight.dequantize(dtype, moved)
+
+
+def held(owner: object, tag: object, make) -> Tensor | None:
+    """Inside `dequantize_once()` without grad: the tensor `make()` built for (`owner`, `tag`) the first time it
+    is asked for, the same tensor after that (a dense copy of a quantized weight, a layer's weight with its
+    adapter merged); elsewhere None."""
+    return None if torch.is_grad_enabled() else _kept(_once, owner, tag, make)
 
 
 def _dequantized(weight: nn.Module, dtype: torch.dtype) -> Tensor:
@@ -193,9 +210,7 @@ class _DequantizingLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: nn.Module, bias: Tensor | None, moved: Tensor | None) -> Tensor:
         ctx.weight = weight
         ctx.dense = training_dense(weight, x.dtype, moved)  # inside hold_dense(): kept for backward
-        dense = ctx.dense
-        if dense is None:
-            dense = weight.dequantize(x.dtype) if moved is None else weight.dequantize(x.dtype, moved)
+        dense = kept_or_dense(ctx.dense, weight, x.dtype, moved)
         sums = group_sums(x, weight.group_size) if ctx.needs_input_grad[3] else None
         ctx.save_for_backward(moved, sums)
         return F.linear(x, dense, None if bias is None else bias.to(x.dtype))
@@ -206,11 +221,7 @@ class _DequantizingLinear(torch.autograd.Function):
         weight = ctx.weight
         grad_x = grad_bias = grad_moved = None
         if ctx.needs_input_grad[0]:  # (..., out) @ (out, in)
-            dense = ctx.dense if ctx.dense is not None and ctx.dense.dtype == grad_out.dtype else None
-            if dense is None:
-                dense = (weight.dequantize(grad_out.dtype) if moved is None
-                         else weight.dequantize(grad_out.dtype, moved))
-            grad_x = grad_out @ dense
+            grad_x = grad_out @ kept_or_dense(ctx.dense, weight, grad_out.dtype, moved)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)   # (out,)
         if ctx.needs_input_grad[3]:

@@ -36,10 +36,10 @@ import inspect
 import torch
 from torch import Tensor, nn
 
+from lorakit.data.render import IGNORE
 from lorakit.quant.linear import held
 from lorakit.training.recompute import is_checkpointing
 
-IGNORE = -100
 MIN_SHARED = 8
 
 
@@ -87,14 +87,16 @@ def decode_with_shared_prefix(decoder: nn.Module, cache, input_ids: Tensor, atte
     batch that begins with the same S tokens: a validation pass computes its system prompt once."""
     prefix = input_ids[:1, :S]
 
-    def compute() -> list[tuple[Tensor, Tensor]]:
-        fresh = type(cache)(config=decoder.config)
-        decoder(input_ids=prefix, attention_mask=attention_mask[:1, :S], cache=fresh, use_cache=True)
-        return [(layer.keys, layer.values) for layer in fresh.layers]  # (1, h_kv, S, d_head) each
+    def prefill() -> list[tuple[Tensor, Tensor]]:
+        decoder(input_ids=prefix, attention_mask=attention_mask[:1, :S], cache=cache, use_cache=True)
+        return [(layer.keys, layer.values) for layer in cache.layers]  # (1, h_kv, S, d_head) each
 
-    kept = held(decoder, ("shared prefix", tuple(prefix[0].tolist())), compute)
-    for i, (keys, values) in enumerate(kept if kept is not None else compute()):
-        cache.update(keys, values, i)
-    cache.batch_repeat_interleave(input_ids.shape[0])
+    kept = held(decoder, ("shared prefix", tuple(prefix[0].tolist())), prefill)
+    if kept is None:
+        prefill()
+    elif cache.get_seq_length() == 0:  # kept from an earlier batch, so not computed into this cache
+        for i, (keys, values) in enumerate(kept):
+            cache.update(keys, values, i)
+    cache.batch_repeat_interleave(input_ids.shape[0])  # new tensors: what `held` keeps stays (1, ...)
     out = decoder(input_ids=input_ids[:, S:], attention_mask=attention_mask, cache=cache, use_cache=True)
     return out.last_hidden_state
