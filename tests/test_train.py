@@ -97,6 +97,28 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(assets, tmp_path, m
     assert (tmp_path / "run" / "checkpoints" / "step-000002" / "state.json").is_file()
 
 
+def test_non_finite_gradients_with_a_finite_loss_stop_before_the_update(assets, tmp_path, monkeypatch):
+    from lorakit.training import loop
+
+    model_dir, data = assets
+    config = load_config(None, tiny_run_overrides(model_dir, data, tmp_path / "run", "lora", steps=6))
+    real, seen = loop._report_step, {}
+
+    def poison_at_step_3(run, grad_norm, per_s):
+        real(run, grad_norm, per_s)
+        seen["adapter"] = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+        if run.step == 2:
+            seen["run"] = run
+            next(p for p in run.params).register_hook(lambda g: g * float("nan"))  # the loss stays finite
+
+    monkeypatch.setattr(loop, "_report_step", poison_at_step_3)
+    with pytest.raises(TrainingStopped, match="gradients became non-finite .* at step 3 .*step-000002"):
+        train(config, progress=False)
+    after = {n: p for n, p in seen["run"].model.named_parameters() if p.requires_grad}
+    for name, before in seen["adapter"].items():
+        assert torch.equal(after[name], before), name  # step 3 updated nothing
+
+
 def test_bad_config_keys_name_the_key_and_the_closest_valid_one(tmp_path):
     out = cli("train", "train.learning_rate=1e-4", f"output_dir={tmp_path}")
     assert out.returncode == 2 and "train.learning_rate" in out.stderr and "train.lr" in out.stderr

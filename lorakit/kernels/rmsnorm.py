@@ -9,7 +9,12 @@ Llama-family RMSNorm over the last dim (size d), computed in float32:
 Autograd over that keeps x (the residual stream) for backward, while the layers after the norm
 (LoRA's A projections) keep y anyway. `rmsnorm` keeps y and rstd only and recovers x̂ = y / w
 in backward, so each norm costs no activation memory of its own. That needs every w_j ≠ 0; a
-norm with a zero weight keeps x instead (checked per call, on the (d,) weight).
+norm with a zero weight keeps x instead. The check reads the (d,) weight back to the host, which on a
+GPU is a synchronisation (the host waits for all queued work: 61 of them per SmolLM2 forward), so it is
+done once per weight and remembered with the weight's storage, dtype and version counter (any in-place
+write through the tensor, `load_state_dict`, `.to()` makes it check again). A write through `.data`
+bumps no version counter: if it zeroes an element afterwards, x̂ = y / w is 0/0 in backward and the
+gradients turn NaN, which the training loop stops on before any update; never a wrong finite value.
 
 Backward (w frozen), with gy = dL/dy and ĝ = gy ⊙ w:
 
@@ -39,7 +44,7 @@ class _RMSNorm(torch.autograd.Function):
         h = x.float()
         rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1) fp32
         y = weight * (h * rstd).to(x.dtype)
-        ctx.keep_output = bool((weight != 0).all())
+        ctx.keep_output = _all_nonzero(weight)
         ctx.x_dtype = x.dtype
         ctx.save_for_backward(y if ctx.keep_output else x, weight, rstd)
         return y
@@ -52,6 +57,17 @@ class _RMSNorm(torch.autograd.Function):
         g_hat = gy.float() * w
         dx = rstd * (g_hat - x_hat * (g_hat * x_hat).mean(-1, keepdim=True))
         return dx.to(ctx.x_dtype), None, None
+
+
+def _all_nonzero(weight: Tensor) -> bool:
+    """Whether every element of `weight` is nonzero: read once per (storage, dtype, version) of the tensor and
+    remembered on it."""
+    stamp = (weight.data_ptr(), weight.dtype, weight._version)
+    known = getattr(weight, "_lorakit_all_nonzero", None)
+    if known is None or known[0] != stamp:
+        known = (stamp, bool((weight != 0).all()))
+        weight._lorakit_all_nonzero = known
+    return known[1]
 
 
 def rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -73,27 +73,13 @@ def dense_bytes(model: nn.Module, dtype: torch.dtype, merged: bool = True) -> in
     return total
 
 
-def available_memory_bytes() -> int | None:
-    """Memory the OS can still give this process (Linux ``MemAvailable``, else psutil); None when unknown."""
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        import psutil
-    except ImportError:
-        return None
-    return psutil.virtual_memory().available
-
-
 def dequantize_once_if_it_fits(model: nn.Module, dtype: torch.dtype, share: float = 0.5):
     """`dequantize_once()` when the dense copies of `model`'s quantized weights take at most `share` of the
     memory still available (or the model has none: nothing to hold); otherwise a block that changes nothing,
     so inference dequantizes on the fly as before. For evaluation and generation on a 4-bit base."""
     need = dense_bytes(model, dtype)
-    if need == 0 or not fits(need, share):
+    device = next((t.device for t in model.parameters()), None)
+    if need == 0 or not fits(need, share, device):
         return contextlib.nullcontext()
     return dequantize_once()
 
@@ -112,9 +98,30 @@ def hold_dense() -> contextlib.AbstractContextManager[None]:
     return _scope(_hold)
 
 
-def fits(need: int, share: float = 0.5) -> bool:
-    """Whether `need` bytes are at most `share` of the memory still available (True when that is unknown)."""
-    free = available_memory_bytes()
+def available_memory_bytes(device: torch.device | None = None) -> int | None:
+    """Memory still available for tensors on `device`: on a CUDA device the driver's free memory plus what
+    PyTorch's allocator holds unused; else what the OS can still give this process (Linux ``MemAvailable``,
+    else psutil). None when unknown."""
+    if device is not None and torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.virtual_memory().available
+
+
+def fits(need: int, share: float = 0.5, device: torch.device | None = None) -> bool:
+    """Whether `need` bytes are at most `share` of the memory still available on `device` (True when that is
+    unknown)."""
+    free = available_memory_bytes(device)
     return free is None or need <= share * free
 
 

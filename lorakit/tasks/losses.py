@@ -230,7 +230,8 @@ def causal_lm_loss(
     decoder = _decoder(model)
     S = shared_length(input_ids, labels, attention_mask) if share_prefix and not model_kwargs else 0
     training = torch.is_grad_enabled()
-    if S and training and not fits(dense_bytes(model, compute_dtype(model), merged=False), share=HOLD_SHARE):
+    if S and training and not fits(dense_bytes(model, compute_dtype(model), merged=False), share=HOLD_SHARE,
+                                   device=input_ids.device):
         S = 0  # the decoder runs twice: without held dense weights that dequantizes each weight four times
     cache = prefix_cache(decoder, model) if S else None
     if cache is not None:

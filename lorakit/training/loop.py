@@ -248,11 +248,11 @@ def _step(run: _Run) -> None:
         if n == 0:
             continue
         loss = task.loss(run.model, batch)
-        if not torch.isfinite(loss):
-            bad = loss.item()
-            break
         (loss * (n / n_units)).backward()
-        loss_sum += loss.item() * n
+        value = loss.item()  # read after backward: on a GPU the host queues backward before it waits
+        if not math.isfinite(value):
+            bad = value if bad is None else bad  # the step goes on: every rank runs the same forwards (FSDP)
+        loss_sum += value * n
     loss_sum, any_bad = world.sum(loss_sum, bad is not None)
     if any_bad:
         kept = latest_checkpoint(run.run_dir)
@@ -264,6 +264,13 @@ def _step(run: _Run) -> None:
     run.sent_bytes = world.all_reduce_grads(run.params)
     run.comm_seconds += time.perf_counter() - comm_start
     grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, t.max_grad_norm or math.inf))  # 0: measure, never clip
+    if not math.isfinite(grad_norm):
+        run.optimizer.zero_grad(set_to_none=True)
+        kept = latest_checkpoint(run.run_dir)
+        raise TrainingStopped(
+            f"the gradients became non-finite (norm {grad_norm}) at step {run.step + 1} with a finite loss; nothing "
+            f"was updated. The last good checkpoint is {kept or 'none (no checkpoint was written yet)'}. Use "
+            f"model.dtype=float32 or lower train.lr, then resume with --resume")
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)

@@ -29,6 +29,43 @@ def test_matches_reference(zero_weight):
     assert torch.isfinite(x.grad).all()
 
 
+def _host_reads(fn) -> int:
+    """How many times `fn` reads a tensor's value back to the host (on a GPU: a synchronisation)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Reads.n += func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.is_nonzero)
+            return func(*args, **(kwargs or {}))
+
+    with Reads():
+        fn()
+    return Reads.n
+
+
+def test_the_zero_weight_check_reads_the_weight_once_per_version():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 32, generator=g)
+    w = torch.rand(32, generator=g) + 0.5
+    assert _host_reads(lambda: rmsnorm(x, w, 1e-6)) == 1
+    assert _host_reads(lambda: rmsnorm(x, w, 1e-6)) == 0  # remembered: no GPU synchronisation per call
+    w[3] = 0.0  # an in-place write bumps the version counter: checked again, and x kept from now on
+    xg = x.clone().requires_grad_()
+    assert _host_reads(lambda: rmsnorm(xg, w, 1e-6).sum().backward()) == 1
+    xr = x.clone().requires_grad_()
+    rmsnorm_reference(xr, w, 1e-6).sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-5, atol=1e-6)
+    assert _host_reads(lambda: rmsnorm(x, w.to(torch.float64), 1e-6)) == 1  # another tensor, another check
+    v = torch.rand(32, generator=g) + 0.5
+    rmsnorm(x, v, 1e-6)
+    v.data[3] = 0.0  # a write through .data bumps no version: the remembered answer is stale, and the
+    xv = x.clone().requires_grad_()  # gradient turns NaN (0/0), which the training loop stops on
+    rmsnorm(xv, v, 1e-6).sum().backward()
+    assert not torch.isfinite(xv.grad).all()
+
+
 def test_refuses_trainable_weight():
     with pytest.raises(ValueError, match="frozen"):
         rmsnorm(torch.randn(2, 4), nn.Parameter(torch.ones(4)), 1e-6)

@@ -163,12 +163,12 @@ def test_dequantize_once_if_it_fits_caches_only_when_the_dense_copy_fits(monkeyp
     monkeypatch.setattr(weight, "dequantize", lambda dtype=None: calls.append(dtype) or original(dtype))
     x = torch.randn(3, IN)
     for free, builds in ((10 * OUT * IN * 4, 1), (OUT * IN * 4, 4)):  # room for it; not twice its size: on the fly
-        monkeypatch.setattr(linear_module, "available_memory_bytes", lambda free=free: free)
+        monkeypatch.setattr(linear_module, "available_memory_bytes", lambda device=None, free=free: free)
         calls.clear()
         with torch.no_grad(), linear_module.dequantize_once_if_it_fits(model, torch.float32):
             outs = [model(x) for _ in range(4)]
         assert len(calls) == builds and all(torch.equal(o, outs[0]) for o in outs)
-    monkeypatch.setattr(linear_module, "available_memory_bytes", lambda: None)  # unknown: cache
+    monkeypatch.setattr(linear_module, "available_memory_bytes", lambda device=None: None)  # unknown: cache
     assert isinstance(linear_module.dequantize_once_if_it_fits(model, torch.float32), type(linear_module.dequantize_once()))
     dense = nn.Sequential(nn.Linear(IN, OUT))  # nothing quantized: nothing to hold
     assert not isinstance(linear_module.dequantize_once_if_it_fits(dense, torch.float32), type(linear_module.dequantize_once()))
