@@ -46,7 +46,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lorakit.quant.storage import PackedWeight
 
