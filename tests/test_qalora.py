@@ -178,3 +178,37 @@ def test_intn_quantize_report_prints_and_bad_group_changes_nothing():
     with pytest.raises(ValueError, match="group_size=128 does not divide model.layers.0.self_attn.q_proj"):
         lorakit.quantize_(fresh, lorakit.IntNConfig(bits=4, group_size=128))
     assert not any(isinstance(m, lorakit.QuantizedLinear) for m in fresh.modules())
+
+
+def test_qalora_on_a_hugging_face_directory_streams_into_int4(tmp_path_factory, monkeypatch, capsys):
+    """`lorakit train method=qalora` on a Hugging Face directory streams it into INT4 groups (never the whole dense
+    model in memory), the same bytes as loading it dense and quantizing; a checkpoint that cannot stream is
+    loaded dense instead, to the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.quant import stream
+    from lorakit.tasks.causal_lm import load_model
+    from lorakit.training.run_config import load_config
+    from train_fixtures import tiny_assets
+
+    model_dir, _ = tiny_assets(tmp_path_factory)
+    config = load_config(None, [f"model.path={model_dir}", "method=qalora", "model.dtype=float32"])
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    lorakit.quantize_(reference, lorakit.IntNConfig(bits=4, group_size=32, scale_dtype="float16"))
+    want = reference.state_dict()
+    real, calls = lorakit.load_quantized, []
+    monkeypatch.setattr(lorakit, "load_quantized", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+
+    def mismatch(*args, **kwargs):
+        raise stream.StreamMismatch(f"cannot stream {model_dir}: tensors the model does not have ['x.weight']")
+
+    for source in ("streamed", "dense"):
+        if source == "dense":
+            monkeypatch.setattr(lorakit, "load_quantized", mismatch)
+        model, _ = load_model(config)
+        got = model.state_dict()
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert torch.equal(got[key], value), (source, key)
+    assert [type(c).__name__ for c in calls] == ["IntNConfig"]
+    assert "cannot stream" in capsys.readouterr().err

@@ -236,6 +236,19 @@ class _DequantizingLinear(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_moved
 
 
+def quantize_weight(weight: Tensor, config) -> nn.Module:
+    """A dense (out, in) weight quantized as `config` says: `NF4Config` -> NF4/FP4 blocks, `IntNConfig` -> INT-N
+    groups rounded to nearest (GPTQ needs calibration: `quantize_`)."""
+    if hasattr(config, "bits"):  # IntNConfig: group-wise INT-N (QA-LoRA's base)
+        from lorakit.quant.intn import IntNWeight
+
+        return IntNWeight.from_float(weight, config.bits, config.group_size,
+                                     getattr(torch, getattr(config, "scale_dtype", "float32")))
+    return weight_class(config.quant_type).from_float(
+        weight, config.block_size, config.double_quant, config.double_quant_block_size,
+    )
+
+
 class QuantizedLinear(nn.Module):
     """A frozen linear layer whose weight is a quantized module (state-dict keys ``weight.<buffer>``)."""
 
@@ -250,16 +263,7 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, config) -> QuantizedLinear:
         """Quantize `linear`'s weight as `config` (`NF4Config` or `IntNConfig`) says; the bias is kept, frozen."""
-        if hasattr(config, "bits"):  # IntNConfig: group-wise INT-N (QA-LoRA's base)
-            from lorakit.quant.intn import IntNWeight
-
-            weight = IntNWeight.from_float(linear.weight.detach(), config.bits, config.group_size,
-                                           getattr(torch, getattr(config, "scale_dtype", "float32")))
-        else:
-            weight = weight_class(config.quant_type).from_float(
-                linear.weight.detach(), config.block_size, config.double_quant, config.double_quant_block_size,
-            )
-        return cls(weight, linear.bias)
+        return cls(quantize_weight(linear.weight.detach(), config), linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)

@@ -2,8 +2,9 @@
 
 The model is built with its parameters on the meta device (buffers such as RoPE's ``inv_freq`` are
 computed for real), then the ``*.safetensors`` files are read tensor by tensor. A selected linear
-weight is cast to `dtype` and quantized as it arrives (the same bytes `quantize_` would produce from
-``from_pretrained(..., dtype=dtype)``); every other tensor is copied into the model in `dtype`.
+weight is cast to `dtype` and quantized as it arrives (NF4 blocks or INT-N groups: the same bytes
+`quantize_` would produce from ``from_pretrained(..., dtype=dtype)``); every other tensor is copied into
+the model in `dtype`.
 Peak memory is the quantized model plus a few copies of the largest single tensor, never the
 whole full-precision model. Tied weights (lm_head ↔ embed_tokens) are tied at the end.
 
@@ -22,13 +23,17 @@ import torch
 from torch import Tensor, nn
 
 from lorakit.io import check_safetensors, read_json
-from lorakit.quant.api import NF4Config, check_linear_targets
-from lorakit.quant.blockwise import weight_class
-from lorakit.quant.linear import QuantizedLinear
+from lorakit.quant.api import IntNConfig, NF4Config, check_linear_targets
+from lorakit.quant.intn import check_group_size
+from lorakit.quant.linear import QuantizedLinear, quantize_weight
 from lorakit.adapters.walk import find_targets, replace_module
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+
+
+class StreamMismatch(ValueError):
+    """The checkpoint's tensors are not the model's state-dict names (e.g. keys transformers renames on load)."""
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
@@ -73,13 +78,15 @@ def stream_tensors(files: list[Path]) -> Iterator[tuple[str, Tensor]]:
 
 def load_quantized(
     model_dir: str | Path,
-    config: NF4Config | None = None,
+    config: NF4Config | IntNConfig | None = None,
     *,
     dtype: torch.dtype = torch.float32,
     model_class=None,
     filter_fn=None,
 ) -> nn.Module:
-    """A transformers model from `model_dir` with the linears `config` selects quantized as they stream in.
+    """A transformers model from `model_dir` with the linears `config` selects quantized as they stream in:
+    NF4/FP4 blocks (`NF4Config`, the default) or INT-N groups rounded to nearest (`IntNConfig`, QA-LoRA's base;
+    GPTQ needs the dense model and calibration data: load it and use `quantize_`).
 
     `model_class` defaults to ``AutoModelForCausalLM``; `filter_fn(name, module)` narrows the selection
     as in `quantize_`. The model is returned in eval mode, like ``from_pretrained``.
@@ -92,11 +99,18 @@ def load_quantized(
         raise ImportError(hint) from e
 
     config = config or NF4Config()
+    if getattr(config, "method", "rtn") != "rtn":
+        raise ValueError(f"load_quantized streams round-to-nearest weights; IntNConfig(method={config.method!r}) "
+                         "needs the dense model and calibration data: load it with from_pretrained, then "
+                         "lorakit.quantize_(model, config, calibration=...)")
     files = checkpoint_files(model_dir)
     with init_empty_weights(include_buffers=False):
         model = (model_class or AutoModelForCausalLM).from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
     targets = find_targets(model, config.target_modules, config.exclude_modules, accept=filter_fn)
     check_linear_targets(model, targets)
+    if isinstance(config, IntNConfig):  # every layer checked before anything is read
+        for name in targets:
+            check_group_size(config.group_size, model.get_submodule(name).in_features, name)
 
     weight_keys = {f"{name}.weight": name for name in targets}
     unexpected = []
@@ -111,13 +125,10 @@ def load_quantized(
     return model.eval()
 
 
-def _quantize_into(model: nn.Module, name: str, weight: Tensor, config: NF4Config) -> None:
+def _quantize_into(model: nn.Module, name: str, weight: Tensor, config: NF4Config | IntNConfig) -> None:
     dense = model.get_submodule(name)
     _check_shape(name + ".weight", dense.weight, weight)
-    quantized = weight_class(config.quant_type).from_float(
-        weight, config.block_size, config.double_quant, config.double_quant_block_size,
-    )
-    replace_module(model, name, QuantizedLinear(quantized, dense.bias))  # a bias still on meta arrives later
+    replace_module(model, name, QuantizedLinear(quantize_weight(weight, config), dense.bias))  # a bias on meta arrives later
 
 
 def _copy_into(model: nn.Module, key: str, tensor: Tensor, dtype: torch.dtype) -> bool:
@@ -163,7 +174,7 @@ def _check_complete(model: nn.Module, targets: list[str], unexpected: list[str],
         problems.append(f"missing tensors {missing}")
     if unexpected:
         problems.append(f"tensors the model does not have {unexpected}")
-    raise ValueError(
+    raise StreamMismatch(
         f"cannot stream {model_dir} into {type(model).__name__}: " + "; ".join(problems)
         + ". Keys must match the model's state-dict names; otherwise load it dense (from_pretrained), then quantize_."
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -88,7 +89,8 @@ def load_model(config, *, dtype: torch.dtype | None = None, calibration=None):
         method   .gguf file (or the default model)         Hugging Face directory
         lora     dense (dequantized) weights                dense weights
         qlora    dense, then NF4 (`quantize_`)              streamed into NF4 (`load_quantized`)
-        qalora   the file's own INT-N codes (no requant)    INT-N (`IntNConfig`, fp16 scales: GGUF-exact)
+        qalora   the file's own INT-N codes (no requant)    streamed into INT-N (`IntNConfig`, fp16 scales:
+                                                            GGUF-exact); GPTQ: dense, then `quantize_`
     """
     import lorakit
     from lorakit.models.default import default_gguf_path, load_causal_lm
@@ -105,16 +107,22 @@ def load_model(config, *, dtype: torch.dtype | None = None, calibration=None):
         if method == "qlora":
             lorakit.quantize_(model, lorakit.NF4Config())
         return model, tokenizer
-    if method == "qlora":
+    quant = lorakit.NF4Config() if method == "qlora" else lorakit.IntNConfig(
+        bits=config.adapter.bits, group_size=config.adapter.group_size, method=config.adapter.quant_method,
+        scale_dtype="float16") if method == "qalora" else None
+    if quant is not None and getattr(quant, "method", "rtn") == "rtn":  # never the whole dense model in memory
         from transformers import AutoTokenizer
 
-        model = lorakit.load_quantized(path, lorakit.NF4Config(), dtype=dtype)
-        return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
+        from lorakit.quant.stream import StreamMismatch
+
+        try:
+            model = lorakit.load_quantized(path, quant, dtype=dtype)
+            return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except StreamMismatch as e:  # keys transformers renames on load: dense, then quantized (more memory)
+            print(f"lorakit: {e}; loading it dense instead", file=sys.stderr)
     model, tokenizer = load_causal_lm(path, dtype)
-    if method == "qalora":
-        quant = lorakit.IntNConfig(bits=config.adapter.bits, group_size=config.adapter.group_size,
-                                   method=config.adapter.quant_method, scale_dtype="float16")
-        lorakit.quantize_(model, quant, calibration=calibration if quant.method == "gptq" else None)
+    if quant is not None:  # GPTQ (the dense model and calibration batches), or a checkpoint that does not stream
+        lorakit.quantize_(model, quant, calibration=calibration if getattr(quant, "method", "") == "gptq" else None)
     return model, tokenizer
 
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorakit.quant import NF4Config, QuantizedLinear, load_quantized, quantize_
+from lorakit.quant import IntNConfig, NF4Config, QuantizedLinear, load_quantized, quantize_
 
 TOKENS = torch.arange(24).view(2, 12) % 128
 
@@ -54,20 +54,32 @@ def biased_checkpoint(tmp_path_factory, make_llama):
     return path
 
 
+CONFIGS = {"nf4": NF4Config(), "int4-fp16": IntNConfig(bits=4, group_size=32, scale_dtype="float16"),
+           "int3": IntNConfig(bits=3, group_size=64)}
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("source", ["checkpoint", "biased_checkpoint"])
-def test_streamed_model_equals_quantized_from_pretrained(request, source, dtype):
+def test_streamed_model_equals_quantized_from_pretrained(request, source, dtype, config):
     from transformers import AutoModelForCausalLM
 
     checkpoint = request.getfixturevalue(source)
-    streamed = load_quantized(checkpoint, NF4Config(), dtype=dtype)
+    streamed = load_quantized(checkpoint, config, dtype=dtype)
     reference = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype)
-    quantize_(reference, NF4Config())
+    quantize_(reference, config)
     assert streamed.state_dict().keys() == reference.state_dict().keys()
     for key, value in reference.state_dict().items():
         assert torch.equal(streamed.state_dict()[key], value), key
     assert not streamed.training
     assert torch.equal(logits(streamed), logits(reference))
+
+
+def test_int_n_streaming_refuses_gptq_and_a_group_that_does_not_divide(checkpoint):
+    with pytest.raises(ValueError, match="method='gptq'.*calibration"):
+        load_quantized(checkpoint, IntNConfig(method="gptq"))
+    with pytest.raises(ValueError, match="group_size"):
+        load_quantized(checkpoint, IntNConfig(group_size=48))  # 64 and 128 input features: 48 divides neither
 
 
 def test_tied_head_stays_tied(checkpoint):
