@@ -16,14 +16,15 @@ import torch
 import lorakit
 from lorakit.quant.linear import dequantize_once
 from lorakit.tasks.losses import causal_lm_loss
-from tiny_models import randomise_trainable_, tiny_llama
+from test_shared_prefix import batch as shared_prefix_batch
+from test_shared_prefix import model_with as shared_prefix_model
+from tiny_models import tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 transformers = pytest.importorskip("transformers")
 
 CLOSE = {"rtol": 1e-4, "atol": 1e-5}
 METHODS = ["lora", "qlora", "qalora", "qalora fp16"]
-P = 12  # tokens every row begins with (a shared system prompt)
 
 
 @pytest.fixture(autouse=True)
@@ -34,27 +35,13 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def batch(B=4, T=30, seed=0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 128, (B, T), generator=g)
-    ids[:, :P] = ids[0, :P]
-    labels = ids.clone()
-    labels[:, :15] = -100
-    mask = torch.ones(B, T, dtype=torch.long)
-    mask[1, 25:], labels[1, 25:], ids[1, 25:] = 0, -100, 0
-    return ids.to(device), labels.to(device), mask.to(device)
+def batch(device="cpu"):
+    """test_shared_prefix's batch: 4 rows sharing their first 12 tokens, two of them padded."""
+    return tuple(t.to(device) for t in shared_prefix_batch())
 
 
 def model_with(method: str, fused: bool = True):
-    model = tiny_llama()
-    if method == "qlora":
-        lorakit.quantize_(model, lorakit.NF4Config(double_quant=True))
-    elif method.startswith("qalora"):
-        lorakit.quantize_(model, lorakit.IntNConfig(bits=4, group_size=32,
-                                                    scale_dtype="float16" if "fp16" in method else "float32"))
-    group = 32 if method.startswith("qalora") else None
-    lorakit.inject_adapters(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear", group_size=group))
-    randomise_trainable_(model, seed=3, std=0.1)
+    model = shared_prefix_model(method)
     if fused:
         lorakit.fuse_for_training_(model)
     return model
