@@ -33,7 +33,8 @@ SINGLE_FILE = "model.safetensors"
 
 
 class StreamMismatch(ValueError):
-    """The checkpoint's tensors are not the model's state-dict names (e.g. keys transformers renames on load)."""
+    """The checkpoint holds tensors the model does not have by those names (e.g. keys transformers renames on
+    load): such a checkpoint can still be loaded dense. One that only lacks tensors raises a plain ValueError."""
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
@@ -174,7 +175,8 @@ def _check_complete(model: nn.Module, targets: list[str], unexpected: list[str],
         problems.append(f"missing tensors {missing}")
     if unexpected:
         problems.append(f"tensors the model does not have {unexpected}")
-    raise StreamMismatch(
+    error = StreamMismatch if unexpected else ValueError  # only missing: an incomplete checkpoint, never loaded
+    raise error(
         f"cannot stream {model_dir} into {type(model).__name__}: " + "; ".join(problems)
         + ". Keys must match the model's state-dict names; otherwise load it dense (from_pretrained), then quantize_."
     )

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.quant import IntNConfig, NF4Config, QuantizedLinear, load_quantized, quantize_
+from lorakit.quant.stream import StreamMismatch
 
 TOKENS = torch.arange(24).view(2, 12) % 128
 
@@ -164,8 +165,15 @@ def test_foreign_checkpoints_are_clear_errors(tmp_path, single_file_checkpoint):
     (extra / "config.json").write_text((single_file_checkpoint / "config.json").read_text())
     tensors = load_file(single_file_checkpoint / "model.safetensors")
     save_file({**tensors, "model.unused.weight": torch.zeros(2)}, extra / "model.safetensors")
-    with pytest.raises(ValueError, match=r"tensors the model does not have \['model.unused.weight'\]"):
-        load_quantized(extra)
+    with pytest.raises(StreamMismatch, match=r"tensors the model does not have \['model.unused.weight'\]"):
+        load_quantized(extra)  # extra tensors: a checkpoint lorakit train then loads dense instead
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    (missing / "config.json").write_text((single_file_checkpoint / "config.json").read_text())
+    save_file({k: v for k, v in tensors.items() if "layers.1.mlp" not in k}, missing / "model.safetensors")
+    with pytest.raises(ValueError, match=r"cannot stream .*layers.1.mlp") as caught:
+        load_quantized(missing)
+    assert not isinstance(caught.value, StreamMismatch)  # an incomplete checkpoint is never loaded at all
 
     config = json.loads((single_file_checkpoint / "config.json").read_text())
     (extra / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
