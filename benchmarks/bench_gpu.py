@@ -53,22 +53,6 @@ R, ALPHA, WARMUP = 16, 32, 3
 TINY = (64, 128, 2, 4, 2)  # --sizes tiny: a dry run of this script (on a CPU too)
 
 
-def make_rows(path: Path, batch: int, tokens: int, tokenizer) -> Path:
-    """`batch` text rows of `tokens` - 1 tokens each (+ the EOS token text rows end with) of random words."""
-    import random
-
-    rng = random.Random(0)
-    words = [w for w in tokenizer.get_vocab() if w.isalpha() and len(w) > 2][:5000]
-    rows = []
-    while len(rows) < batch:
-        ids = tokenizer(" ".join(rng.choice(words) for _ in range(2 * tokens)), add_special_tokens=False).input_ids
-        text = tokenizer.decode(ids[:tokens - 1])
-        if len(tokenizer(text, add_special_tokens=False).input_ids) == tokens - 1:  # decode/encode round trip
-            rows.append({"text": text})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def timed(step, steps: int, device: torch.device) -> tuple[list[float], int]:
     """Run WARMUP + steps steps; the timed steps' seconds and their peak allocated CUDA memory (on a CPU, for a
     dry run of this script: the peak RSS)."""
@@ -190,7 +174,7 @@ def main() -> None:
     import transformers
 
     sys.path.insert(0, str(HERE))
-    from bench_scaling import SHAPES, make_model
+    from bench_scaling import SHAPES, make_model, make_rows
 
     from lorakit.io import write_json
 
@@ -218,7 +202,7 @@ def main() -> None:
         start = time.perf_counter()
         make_model(size, work / size, tokenizer=tokenizer, shape=TINY if size == "tiny" else None)
         tok = transformers.AutoTokenizer.from_pretrained(work / size, local_files_only=True)
-        make_rows(work / f"rows-{args.batch}x{args.tokens}.jsonl", args.batch, args.tokens, tok)
+        make_rows(work / f"rows-{args.batch}x{args.tokens}.jsonl", [args.tokens] * args.batch, tok)
         print(f"{size}: model written in {time.perf_counter() - start:.1f} s", flush=True)
         for name in configs:
             cmd = [sys.executable, __file__, "--child", name, size, "--batch", str(args.batch), "--tokens",

@@ -62,13 +62,18 @@ def make_model(size: str, directory: Path, tokenizer=None, shape: tuple | None =
 
 
 def make_rows(path: Path, lengths: list[int], tokenizer) -> Path:
-    """One text row per length, cut to about that many tokens (random words from the tokenizer's vocabulary)."""
+    """One text row per length of random words from the tokenizer's vocabulary: n - 1 tokens that encode back to
+    n - 1 tokens (+ the EOS token text rows end with: n)."""
     rng = random.Random(0)
     words = [w for w in tokenizer.get_vocab() if w.isalpha() and len(w) > 2][:5000]
     rows = []
     for n in lengths:
-        ids = tokenizer(" ".join(rng.choice(words) for _ in range(2 * n)), add_special_tokens=False).input_ids
-        rows.append({"text": tokenizer.decode(ids[:n - 1])})  # + the BOS token: n
+        while True:
+            ids = tokenizer(" ".join(rng.choice(words) for _ in range(2 * n)), add_special_tokens=False).input_ids
+            text = tokenizer.decode(ids[:n - 1])
+            if len(tokenizer(text, add_special_tokens=False).input_ids) == n - 1:  # the decode/encode round trip
+                break
+        rows.append({"text": text})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 

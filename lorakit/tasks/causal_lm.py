@@ -107,10 +107,14 @@ def load_model(config, *, dtype: torch.dtype | None = None, calibration=None):
         if method == "qlora":
             lorakit.quantize_(model, lorakit.NF4Config())
         return model, tokenizer
-    quant = lorakit.NF4Config() if method == "qlora" else lorakit.IntNConfig(
-        bits=config.adapter.bits, group_size=config.adapter.group_size, method=config.adapter.quant_method,
-        scale_dtype="float16") if method == "qalora" else None
-    if quant is not None and getattr(quant, "method", "rtn") == "rtn":  # never the whole dense model in memory
+    quant = None
+    if method == "qlora":
+        quant = lorakit.NF4Config()
+    elif method == "qalora":
+        quant = lorakit.IntNConfig(bits=config.adapter.bits, group_size=config.adapter.group_size,
+                                   method=config.adapter.quant_method, scale_dtype="float16")
+    gptq = getattr(quant, "method", None) == "gptq"  # needs the dense model and calibration batches
+    if quant is not None and not gptq:  # streamed: never the whole dense model in memory
         from transformers import AutoTokenizer
 
         from lorakit.quant.stream import StreamMismatch
@@ -121,8 +125,8 @@ def load_model(config, *, dtype: torch.dtype | None = None, calibration=None):
         except StreamMismatch as e:  # keys transformers renames on load: dense, then quantized (more memory)
             print(f"lorakit: {e}; loading it dense instead", file=sys.stderr)
     model, tokenizer = load_causal_lm(path, dtype)
-    if quant is not None:  # GPTQ (the dense model and calibration batches), or a checkpoint that does not stream
-        lorakit.quantize_(model, quant, calibration=calibration if getattr(quant, "method", "") == "gptq" else None)
+    if quant is not None:  # GPTQ, or a checkpoint that does not stream
+        lorakit.quantize_(model, quant, calibration=calibration if gptq else None)
     return model, tokenizer
 
 

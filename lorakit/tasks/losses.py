@@ -230,10 +230,10 @@ def causal_lm_loss(
     decoder = _decoder(model)
     S = shared_length(input_ids, labels, attention_mask) if share_prefix and not model_kwargs else 0
     training = torch.is_grad_enabled()
-    if S and training and not fits(dense_bytes(model, compute_dtype(model), merged=False), share=HOLD_SHARE,
-                                   device=input_ids.device):
-        S = 0  # the decoder runs twice: without held dense weights that dequantizes each weight four times
     cache = prefix_cache(decoder, model) if S else None
+    if cache is not None and training and not fits(dense_bytes(model, compute_dtype(model), merged=False),
+                                                   share=HOLD_SHARE, device=input_ids.device):
+        cache = None  # the decoder runs twice: without held dense weights that dequantizes each weight four times
     if cache is not None:
         with hold_dense() if training else contextlib.nullcontext():  # one dequantization per weight
             hidden = decode_with_shared_prefix(decoder, cache, input_ids, attention_mask, S)  # (B, T - S, d)

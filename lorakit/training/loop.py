@@ -255,22 +255,16 @@ def _step(run: _Run) -> None:
         loss_sum += value * n
     loss_sum, any_bad = world.sum(loss_sum, bad is not None)
     if any_bad:
-        kept = latest_checkpoint(run.run_dir)
-        raise TrainingStopped(
-            f"the loss became {bad if bad is not None else 'non-finite'} at step {run.step + 1}; nothing was updated. "
-            f"The last good checkpoint is {kept or 'none (no checkpoint was written yet)'}. Lower train.lr, check "
-            f"the data, or use model.dtype=float32; then resume with --resume")
+        raise _stopped(run, f"the loss became {bad if bad is not None else 'non-finite'} at step {run.step + 1}",
+                       "Lower train.lr, check the data, or use model.dtype=float32")
     comm_start = time.perf_counter()
     run.sent_bytes = world.all_reduce_grads(run.params)
     run.comm_seconds += time.perf_counter() - comm_start
     grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, t.max_grad_norm or math.inf))  # 0: measure, never clip
     if not math.isfinite(grad_norm):
         run.optimizer.zero_grad(set_to_none=True)
-        kept = latest_checkpoint(run.run_dir)
-        raise TrainingStopped(
-            f"the gradients became non-finite (norm {grad_norm}) at step {run.step + 1} with a finite loss; nothing "
-            f"was updated. The last good checkpoint is {kept or 'none (no checkpoint was written yet)'}. Use "
-            f"model.dtype=float32 or lower train.lr, then resume with --resume")
+        raise _stopped(run, f"the gradients became non-finite (norm {grad_norm}) at step {run.step + 1} with a finite "
+                            "loss", "Use model.dtype=float32 or lower train.lr")
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -292,6 +286,14 @@ def _step(run: _Run) -> None:
                              "valid_before": run.valid_before, "global_batch": run.global_batch,
                              "processes": world.size}, rng_states=rng)
         world.barrier()
+
+
+def _stopped(run: _Run, what: str, fix: str) -> TrainingStopped:
+    """The error that ends a step before its update: what went wrong, the checkpoint to resume from, the fix."""
+    kept = latest_checkpoint(run.run_dir)
+    return TrainingStopped(
+        f"{what}; nothing was updated. The last good checkpoint is "
+        f"{kept or 'none (no checkpoint was written yet)'}. {fix}; then resume with --resume")
 
 
 def _validate(run: _Run) -> dict:
