@@ -580,7 +580,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lorakit.training.allocator import keep_freed_memory
+
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # glibc: large freed buffers stay in the process (lorakit.training.allocator)
     try:
         return args.func(args)
     except BrokenPipeError:  # output piped into `head` and the like

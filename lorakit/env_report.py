@@ -6,6 +6,7 @@
 - the compute dtype ``"auto"`` resolves to and why (the CPU's bf16 flags and the timed bf16 vs fp32
   matmul of `lorakit.training.hardware.bf16_probe`, or the GPU's bf16 support);
 - threads: what torch uses, the cores this process may run on, and the variables that set them;
+- malloc: the C library's, and whether it keeps freed memory (`lorakit.training.allocator`);
 - whether the installed versions are the ones the lock file pins (`scripts/setup.sh` installs from it),
   when lorakit runs from a source checkout that has one.
 """
@@ -60,6 +61,7 @@ def environment_report() -> dict:
     import torch
 
     import lorakit
+    from lorakit.training import allocator
     from lorakit.training.hardware import compute_dtype_reason, default_compute_dtype, default_device
 
     device = default_device()
@@ -78,6 +80,7 @@ def environment_report() -> dict:
         "threads": {"torch": torch.get_num_threads(), "torch_interop": torch.get_num_interop_threads(),
                     "cpu_count": os.cpu_count(), "usable_cores": _usable_cores(),
                     **{v: os.environ[v] for v in _THREAD_VARIABLES if v in os.environ}},
+        "malloc": allocator.describe(),
     }
     lock = _lock_file()
     if lock is not None:
@@ -126,6 +129,7 @@ def format_report(report: dict) -> str:
     extra = "".join(f", {k}={t[k]}" for k in _THREAD_VARIABLES if k in t)
     lines.append(f"threads        torch {t['torch']} (interop {t['torch_interop']}), {t['usable_cores']} usable of "
                  f"{t['cpu_count']} cores{extra}")
+    lines.append(f"malloc         {report['malloc']}")
     if "lock" in report:
         differs = report["lock"]["differs"]
         lines.append(f"lock           {report['lock']['file']}: " + (

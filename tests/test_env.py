@@ -21,7 +21,7 @@ def test_lorakit_env_prints_versions_device_dtype_and_why():
         assert f"\n  {name} " in text, name
     dtype = str(default_compute_dtype()).removeprefix("torch.")
     assert f"compute dtype  {dtype} (auto): " in text
-    assert "threads        torch " in text and "device         " in text
+    assert "threads        torch " in text and "device         " in text and "malloc         " in text
 
 
 def test_json_report_is_the_same_data():

@@ -193,5 +193,48 @@ def test_evaluate_equals_the_unshared_unmerged_loss():
     examples = [Example(ids[b][mask[b] == 1].tolist(), labels[b][mask[b] == 1].tolist()) for b in range(8)]
     with torch.no_grad():  # the token-weighted mean over all rows: the plain loss of one batch of them all
         want = causal_lm_loss(model, ids, labels, mask, share_prefix=False).item()
-    got = evaluate(model, examples, pad_id=0, batch_tokens=3 * 30)  # batches of 3 rows, shared prefix, merged weights
+    got = evaluate(model, examples, pad_id=0, batch_tokens=3 * 30)  # batches of at most 3 rows, shared prefix, merged weights
     assert abs(got - want) < 1e-5 * want
+
+
+def _cheapest_cut(lengths, batch_tokens, batch_cost):
+    """Every way of cutting the length-sorted rows into consecutive batches, by brute force: the least cost."""
+    import itertools
+
+    rows = sorted(lengths)
+    best = float("inf")
+    for cuts in itertools.product([False, True], repeat=len(rows) - 1):
+        batches, current = [], [rows[0]]
+        for cut, length in zip(cuts, rows[1:]):
+            if cut:
+                batches.append(current)
+                current = []
+            current.append(length)
+        batches.append(current)
+        if all(len(b) == 1 or len(b) * max(b) <= batch_tokens for b in batches):
+            best = min(best, sum(len(b) * max(b) + batch_cost for b in batches))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_evaluation_batches_are_the_cheapest_cut(seed):
+    from lorakit.tasks.causal_lm import evaluation_batches
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 60, (9,), generator=g).tolist() + [200]  # 200: longer than the cap, alone
+    batch_tokens, batch_cost = 120, [0, 16, 64][seed % 3]
+    batches = evaluation_batches(lengths, batch_tokens, batch_cost)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # every row once
+    longest = [max(lengths[i] for i in b) for b in batches]
+    assert all(len(b) == 1 or len(b) * m <= batch_tokens for b, m in zip(batches, longest))
+    assert all(lengths[i] <= lengths[j] for a, b in zip(batches, batches[1:]) for i in a for j in b)  # in length order
+    assert sum(len(b) * m + batch_cost for b, m in zip(batches, longest)) == _cheapest_cut(lengths, batch_tokens,
+                                                                                         batch_cost)
+
+
+def test_evaluation_batches_pad_less_than_cutting_at_the_cap():
+    from lorakit.tasks.causal_lm import evaluation_batches
+
+    lengths = [10] * 5 + [40]  # all six fit the cap (6 x 40 = 240), but one batch pads the short rows to 40
+    assert sorted(map(sorted, evaluation_batches(lengths, 240, 0))) == [[0, 1, 2, 3, 4], [5]]
+    assert evaluation_batches(lengths, 240, 1000) == [[0, 1, 2, 3, 4, 5]]  # a costly batch: one, padded

@@ -288,17 +288,36 @@ def count_loss_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
-def evaluation_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
-    """Indices of rows in length order, cut into batches of at most `batch_tokens` padded tokens (rows x the
-    longest row's length; a longer row alone)."""
+# What one more evaluation batch costs beyond its tokens, in padded tokens: a forward reads every weight once
+# whatever the batch holds (SmolLM2-135M on 2 cores: ~0.1 s for 1 row, as long as ~60 more tokens take).
+BATCH_COST = 64
+
+
+def evaluation_batches(lengths: list[int], batch_tokens: int, batch_cost: int = BATCH_COST) -> list[list[int]]:
+    """Indices of rows in length order, cut into consecutive batches of at most `batch_tokens` padded tokens
+    (rows x the batch's longest row; a longer row alone) that minimise the padded tokens computed plus
+    `batch_cost` per batch.
+
+    Over the rows sorted by length, l_1 <= ... <= l_n, with C(0) = 0:
+        C(j) = min over i < j with (j - i) * l_j <= batch_tokens (or j - i = 1) of C(i) + (j - i) * l_j + batch_cost
+    (a batch of rows i+1..j pads to its longest, l_j). O(n x batch_tokens / l) steps. Cutting greedily at the
+    token cap instead padded 16% of the embedded validation rows' computed tokens; this pads 6%.
+    """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches, current = [], []
-    for i in order:
-        if current and (len(current) + 1) * lengths[i] > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    return batches + [current] if current else batches
+    sorted_lengths = [max(1, lengths[i]) for i in order]
+    cost = [0] + [float("inf")] * len(order)  # cost[j]: the cheapest cut of the j shortest rows
+    first = [0] * (len(order) + 1)  # first[j]: where the last batch of that cut begins
+    for j in range(1, len(order) + 1):
+        longest = sorted_lengths[j - 1]
+        for i in range(max(0, j - max(1, batch_tokens // longest)), j):
+            c = cost[i] + (j - i) * longest + batch_cost
+            if c < cost[j]:
+                cost[j], first[j] = c, i
+    batches, j = [], len(order)
+    while j:
+        batches.append(order[first[j]:j])
+        j = first[j]
+    return batches[::-1]
 
 
 @torch.no_grad()

@@ -164,8 +164,10 @@ def _start(config, resume: bool, progress: bool, task, model, world: World) -> _
     from lorakit.report.progress import MetricsLog, ProgressBar
     from lorakit.report.trackers import Report, open_trackers
     from lorakit.tasks.base import compute_dtype
+    from lorakit.training.allocator import keep_freed_memory
     from lorakit.training.run_config import save_config
 
+    keep_freed_memory()  # glibc: large freed buffers stay for the next step's (lorakit.training.allocator)
     config = absolute_paths(config)
     run_dir = Path(config.output_dir)
     checkpoint = latest_checkpoint(run_dir) if resume else None
