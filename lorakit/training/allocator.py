@@ -22,7 +22,6 @@ loop and the CLI; `LORAKIT_MALLOC=system` leaves malloc alone. A process that ru
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 import sys
@@ -65,8 +64,8 @@ def keep_freed_memory() -> bool:
     if _left_alone() is not None:
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        if not hasattr(libc, "gnu_get_libc_version"):  # musl and others: mallopt is glibc's
+        libc = ctypes.CDLL("libc.so.6")  # glibc's soname; another C library has none (OSError)
+        if not hasattr(libc, "gnu_get_libc_version"):  # mallopt's options are glibc's
             return False
         _done = all(libc.mallopt(option, value) == 1 for option, value in SETTINGS.items())
     except OSError:
