@@ -10,18 +10,21 @@ PROBE = r"""
 import ctypes, sys
 from lorakit.training.allocator import describe, keep_freed_memory
 
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
+libc = ctypes.CDLL("libc.so.6")
+modern = hasattr(libc, "mallinfo2")  # glibc >= 2.33; mallinfo's int fields hold 20 MiB as well
+
+class MallInfo(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t if modern else ctypes.c_int) for name in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-libc = ctypes.CDLL("libc.so.6")
-libc.mallinfo2.restype = MallInfo2
+mallinfo = libc.mallinfo2 if modern else libc.mallinfo
+mallinfo.restype = MallInfo
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
 set_ = keep_freed_memory() if sys.argv[1] == "keep" else False
-before = libc.mallinfo2().hblkhd
+before = mallinfo().hblkhd
 p = libc.malloc(20 << 20)  # 20 MiB: over glibc's first mmap threshold (128 KiB), under 32 MiB
-mapped = libc.mallinfo2().hblkhd - before
+mapped = mallinfo().hblkhd - before
 libc.free(p)
 print(set_, mapped)
 print(describe())
