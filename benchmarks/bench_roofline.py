@@ -235,11 +235,12 @@ def run_methods(methods: list[str], dtype: str, args) -> list[dict]:
     return out
 
 
-def _child(args, methods: str, dtype: str, *extra: str) -> list[dict]:
+def _child(args, methods: str, dtype: str, *extra: str, env: dict | None = None) -> list[dict]:
     cmd = [sys.executable, __file__, "--one", methods, dtype, "--steps", str(args.steps), "--warmup",
            str(args.warmup), "--rounds", str(args.rounds), "--batch", str(args.batch), "--max-tokens",
            str(args.max_tokens), "--r", str(args.r), "--threads", str(args.threads), *extra]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    done = subprocess.run(cmd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
     if done.returncode:
         sys.exit(f"{methods} {dtype} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
