@@ -22,9 +22,12 @@ dtype, and where the rest of a step goes.
 On the embedded SmolLM2-135M-Instruct, on instruction rows made of whole standard-library docstrings (long
 answers), batch 4, max 512 tokens, r 16 on every linear layer: `lora` on the dense model, `qlora` on NF4
 codes, `qalora` on the GGUF file's own Q4_1 codes. bf16 runs only where the CPU multiplies bf16 natively
-(`lorakit env` says; --bf16 forces it).
+(`lorakit env` says; --bf16 forces it). `--rows embedded` runs the default job's rows instead (the embedded
+chat-template docstring rows `lorakit train` and `lorakit demo` train on: short rows, ~57 tokens, each
+beginning with the same system prompt), e.g. at its batch of 8 with `--batch 8`.
 
     python benchmarks/bench_roofline.py [--steps 4] [--rounds 2] [--warmup 2] [--methods lora,qlora,qalora] [--bf16]
+                                        [--rows docstrings|embedded] [--batch 4] [--out PATH]
 """
 
 from __future__ import annotations
@@ -149,16 +152,17 @@ def run_methods(methods: list[str], dtype: str, args) -> list[dict]:
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     work = Path(tempfile.mkdtemp(prefix="roofline-"))
-    rows = make_rows(work / "rows.jsonl")
+    data = ([f"data.train={make_rows(work / 'rows.jsonl')}", "data.valid_fraction=0"] if args.rows == "docstrings"
+            else [])  # embedded: the default config's data
     total = args.warmup + args.steps * args.rounds + 1
     world = init_world()
     runs, results = {}, {}
     for method in methods:
         config = load_config(None, [
-            f"method={method}", f"model.dtype={dtype}", f"data.train={rows}", "data.valid_fraction=0",
-            f"data.max_tokens={args.max_tokens}", f"output_dir={work / method}", f"train.steps={total}",
+            f"method={method}", f"model.dtype={dtype}", *data,
+            f"data.max_tokens={args.max_tokens}", f"output_dir={work / method}", f"train.steps={total + 1}",
             f"train.batch_size={args.batch}", "train.lr=2e-4", "train.warmup_steps=0", "train.eval_every=0",
-            f"train.save_every={total}", f"adapter.r={args.r}", f"adapter.alpha={2 * args.r}",
+            f"train.save_every={total + 1}", f"adapter.r={args.r}", f"adapter.alpha={2 * args.r}",
         ])
         runs[method] = run = loop._start(config, False, False, make_task(config), None, world)
         for _ in range(args.warmup):
@@ -175,7 +179,7 @@ def run_methods(methods: list[str], dtype: str, args) -> list[dict]:
     for round_ in range(args.rounds):  # the same batches again: each batch's time, best and typical
         for method, run in runs.items():
             steps = results[method]["steps"]
-            run.batch_index = first  # 20 batches per epoch: no step here crosses an epoch
+            run.batch_index = first  # 20 batches per epoch (39 embedded at batch 8): no step here crosses an epoch
             for j in range(args.steps):
                 rows_ = run.batches[run.batch_index]
                 before = run.seconds
@@ -238,7 +242,7 @@ def run_methods(methods: list[str], dtype: str, args) -> list[dict]:
 def _child(args, methods: str, dtype: str, *extra: str, env: dict | None = None) -> list[dict]:
     cmd = [sys.executable, __file__, "--one", methods, dtype, "--steps", str(args.steps), "--warmup",
            str(args.warmup), "--rounds", str(args.rounds), "--batch", str(args.batch), "--max-tokens",
-           str(args.max_tokens), "--r", str(args.r), "--threads", str(args.threads), *extra]
+           str(args.max_tokens), "--r", str(args.r), "--threads", str(args.threads), "--rows", args.rows, *extra]
     done = subprocess.run(cmd, capture_output=True, text=True,
                           env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
     if done.returncode:
@@ -252,6 +256,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="times each timed batch runs (mean and best reported)")
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--rows", choices=("docstrings", "embedded"), default="docstrings",
+                        help="whole-docstring rows (long; the default) or the default job's embedded chat rows")
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0)
@@ -286,7 +292,7 @@ def main() -> None:
     from lorakit.io import write_json
 
     write_json(args.out, {"cpu_bf16": compute_dtype_reason("cpu"), "torch": torch.__version__,
-                          "cpu": os.cpu_count(), "results": results})
+                          "cpu": os.cpu_count(), "rows": args.rows, "batch": args.batch, "results": results})
     print(f"wrote {args.out}")
 
 

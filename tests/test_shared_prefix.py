@@ -238,3 +238,96 @@ def test_evaluation_batches_pad_less_than_cutting_at_the_cap():
     lengths = [10] * 5 + [40]  # all six fit the cap (6 x 40 = 240), but one batch pads the short rows to 40
     assert sorted(map(sorted, evaluation_batches(lengths, 240, 0))) == [[0, 1, 2, 3, 4], [5]]
     assert evaluation_batches(lengths, 240, 1000) == [[0, 1, 2, 3, 4, 5]]  # a costly batch: one, padded
+
+
+@pytest.mark.parametrize("method", ["lora", "qalora fp16"])
+@pytest.mark.parametrize("T", [30, 16])  # rows' part longer than the prefix, and shorter (row 0 is the wider)
+def test_training_runs_the_prefix_as_row_zero_of_one_decoder_call(method, T):
+    """While training a Llama the prefix is row 0 of the rows' own call: one decoder call, and the loss and
+    gradients of the cached form (two calls), which test_training_loss_and_gradients_equal_the_plain_forward
+    ties to the plain forward; the model's attention implementation is back afterwards."""
+    model = model_with(method).train()
+    lorakit.fuse_for_training_(model)
+    ids, labels, mask = batch(T=T)
+    if T == 16:  # a loss on the last 4 positions; row 1 padded after 14 tokens
+        labels[:, P:] = ids[:, P:]
+        mask[1, 14:], labels[1, 14:], ids[1, 14:] = 0, -100, 0
+    assert shared_prefix.prefix_as_row(model.model)
+    implementation = model.config._attn_implementation
+    calls = []
+    hook = model.model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape),
+                                                 with_kwargs=True)
+    try:
+        row, row_grads = loss_and_grads(model, True, ids, labels, mask)
+    finally:
+        hook.remove()
+    S = shared_prefix.shared_length(ids, labels, mask)
+    assert S == P - 1 and calls == [torch.Size((ids.shape[0] + 1, max(S, T - S)))]
+    assert model.config._attn_implementation == implementation
+    cached_form = shared_prefix.prefix_as_row
+    shared_prefix.prefix_as_row = lambda decoder: False
+    try:
+        cached, cached_grads = loss_and_grads(model, True, ids, labels, mask)
+    finally:
+        shared_prefix.prefix_as_row = cached_form
+    torch.testing.assert_close(row, cached, **FP32)
+    for got, want in zip(row_grads, cached_grads):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_the_prefix_as_row_only_for_plain_llama_attention():
+    model = model_with("lora").train()
+    assert shared_prefix.prefix_as_row(model.model)
+    model.config.attention_dropout = 0.1  # dropout at work while training: the cached form
+    assert not shared_prefix.prefix_as_row(model.model)
+    model.eval()
+    assert shared_prefix.prefix_as_row(model.model)
+    config = transformers.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=None)
+    assert not shared_prefix.prefix_as_row(transformers.MistralForCausalLM(config).model)  # not in ROW_MODEL_TYPES
+    with pytest.raises(ValueError, match="softcap"):
+        shared_prefix._prefix_row_attention(model.model.layers[0].self_attn, torch.zeros(2, 4, 3, 16),
+                                            torch.zeros(2, 2, 3, 16), torch.zeros(2, 2, 3, 16), None, softcap=30.0)
+
+
+def test_long_rows_keep_the_cached_form():
+    """Row 0 would be padded from S to the rows' width: past CALL_COST positions two calls cost less."""
+    assert shared_prefix.row_padding(8, 57, 26) == 5 and shared_prefix.row_padding(8, 40, 26) == 8 * 12
+    assert shared_prefix.row_padding(4, 525, 25) == 475 > shared_prefix.CALL_COST
+    model = model_with("lora").train()
+    ids, labels, mask = batch(T=60)  # S = 11: row 0 padded by 38 <= 64; with CALL_COST 30 it is not
+    calls = []
+    hook = model.model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape),
+                                                 with_kwargs=True)
+    try:
+        loss = causal_lm_loss(model, ids, labels, mask)
+        assert calls == [torch.Size((5, 49))]
+        calls.clear()
+        shared_prefix.CALL_COST, cost = 30, shared_prefix.CALL_COST
+        try:
+            cached = causal_lm_loss(model, ids, labels, mask)
+        finally:
+            shared_prefix.CALL_COST = cost
+    finally:
+        hook.remove()
+    assert calls == [torch.Size((1, P - 1)), torch.Size((4, 60 - P + 1))]  # the prefix, then the rows
+    torch.testing.assert_close(loss, cached, **FP32)
+
+
+def test_only_right_padded_rows_run_as_one_call():
+    ids, labels, mask = batch()
+    assert shared_prefix.right_padded(mask)
+    holes = mask.clone()
+    holes[3, 20] = 0  # a masked position before real ones: causal attention alone would not keep it out
+    assert not shared_prefix.right_padded(holes)
+    model = model_with("lora").train()
+    calls = []
+    hook = model.model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[0]),
+                                                 with_kwargs=True)
+    try:
+        shared = causal_lm_loss(model, ids, labels, holes)
+    finally:
+        hook.remove()
+    assert calls == [1, 4]  # the cached form: the prefix, then the rows with their mask
+    torch.testing.assert_close(shared, causal_lm_loss(model, ids, labels, holes, share_prefix=False), **FP32)
