@@ -331,3 +331,20 @@ def test_only_right_padded_rows_run_as_one_call():
         hook.remove()
     assert calls == [1, 4]  # the cached form: the prefix, then the rows with their mask
     torch.testing.assert_close(shared, causal_lm_loss(model, ids, labels, holes, share_prefix=False), **FP32)
+
+
+def test_prefix_as_row_in_bfloat16():
+    """A bf16 model (the boolean mask beside bf16 queries): the cached form's loss and the plain forward's."""
+    model = model_with("lora").to(torch.bfloat16).train()
+    ids, labels, mask = batch()
+    row = causal_lm_loss(model, ids, labels, mask)
+    cached_form = shared_prefix.prefix_as_row
+    shared_prefix.prefix_as_row = lambda decoder: False
+    try:
+        cached = causal_lm_loss(model, ids, labels, mask)
+    finally:
+        shared_prefix.prefix_as_row = cached_form
+    torch.testing.assert_close(row, cached, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(row, causal_lm_loss(model, ids, labels, mask, share_prefix=False), rtol=1e-2, atol=1e-2)
+    row.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
