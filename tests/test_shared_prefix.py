@@ -242,7 +242,7 @@ def test_evaluation_batches_pad_less_than_cutting_at_the_cap():
 
 @pytest.mark.parametrize("method", ["lora", "qalora fp16"])
 @pytest.mark.parametrize("T", [30, 16])  # rows' part longer than the prefix, and shorter (row 0 is the wider)
-def test_training_runs_the_prefix_as_row_zero_of_one_decoder_call(method, T):
+def test_training_runs_the_prefix_as_row_zero_of_one_decoder_call(method, T, monkeypatch):
     """While training a Llama the prefix is row 0 of the rows' own call: one decoder call, and the loss and
     gradients of the cached form (two calls), which test_training_loss_and_gradients_equal_the_plain_forward
     ties to the plain forward; the model's attention implementation is back afterwards."""
@@ -264,12 +264,8 @@ def test_training_runs_the_prefix_as_row_zero_of_one_decoder_call(method, T):
     S = shared_prefix.shared_length(ids, labels, mask)
     assert S == P - 1 and calls == [torch.Size((ids.shape[0] + 1, max(S, T - S)))]
     assert model.config._attn_implementation == implementation
-    cached_form = shared_prefix.prefix_as_row
-    shared_prefix.prefix_as_row = lambda decoder: False
-    try:
-        cached, cached_grads = loss_and_grads(model, True, ids, labels, mask)
-    finally:
-        shared_prefix.prefix_as_row = cached_form
+    monkeypatch.setattr(shared_prefix, "prefix_as_row", lambda decoder: False)  # the cached form
+    cached, cached_grads = loss_and_grads(model, True, ids, labels, mask)
     torch.testing.assert_close(row, cached, **FP32)
     for got, want in zip(row_grads, cached_grads):
         assert want.abs().sum() > 0
@@ -291,7 +287,7 @@ def test_the_prefix_as_row_only_for_plain_llama_attention():
                                             torch.zeros(2, 2, 3, 16), torch.zeros(2, 2, 3, 16), None, softcap=30.0)
 
 
-def test_long_rows_keep_the_cached_form():
+def test_long_rows_keep_the_cached_form(monkeypatch):
     """Row 0 would be padded from S to the rows' width: past CALL_COST positions two calls cost less."""
     assert shared_prefix.row_padding(8, 57, 26) == 5 and shared_prefix.row_padding(8, 40, 26) == 8 * 12
     assert shared_prefix.row_padding(4, 525, 25) == 475 > shared_prefix.CALL_COST
@@ -304,11 +300,8 @@ def test_long_rows_keep_the_cached_form():
         loss = causal_lm_loss(model, ids, labels, mask)
         assert calls == [torch.Size((5, 49))]
         calls.clear()
-        shared_prefix.CALL_COST, cost = 30, shared_prefix.CALL_COST
-        try:
-            cached = causal_lm_loss(model, ids, labels, mask)
-        finally:
-            shared_prefix.CALL_COST = cost
+        monkeypatch.setattr(shared_prefix, "CALL_COST", 30)
+        cached = causal_lm_loss(model, ids, labels, mask)
     finally:
         hook.remove()
     assert calls == [torch.Size((1, P - 1)), torch.Size((4, 60 - P + 1))]  # the prefix, then the rows
@@ -333,18 +326,13 @@ def test_only_right_padded_rows_run_as_one_call():
     torch.testing.assert_close(shared, causal_lm_loss(model, ids, labels, holes, share_prefix=False), **FP32)
 
 
-def test_prefix_as_row_in_bfloat16():
+def test_prefix_as_row_in_bfloat16(monkeypatch):
     """A bf16 model (the boolean mask beside bf16 queries): the cached form's loss and the plain forward's."""
     model = model_with("lora").to(torch.bfloat16).train()
     ids, labels, mask = batch()
     row = causal_lm_loss(model, ids, labels, mask)
-    cached_form = shared_prefix.prefix_as_row
-    shared_prefix.prefix_as_row = lambda decoder: False
-    try:
-        cached = causal_lm_loss(model, ids, labels, mask)
-    finally:
-        shared_prefix.prefix_as_row = cached_form
-    torch.testing.assert_close(row, cached, rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(row, causal_lm_loss(model, ids, labels, mask, share_prefix=False), rtol=1e-2, atol=1e-2)
     row.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    torch.testing.assert_close(row, causal_lm_loss(model, ids, labels, mask, share_prefix=False), rtol=1e-2, atol=1e-2)
+    monkeypatch.setattr(shared_prefix, "prefix_as_row", lambda decoder: False)  # the cached form
+    torch.testing.assert_close(row, causal_lm_loss(model, ids, labels, mask), rtol=1e-2, atol=1e-2)

@@ -25,9 +25,9 @@ call, so one call (and one backward) does the work of two:
 the same keys, values and softmax as the cached form (which concatenates the repeated prefix keys before the
 rows' own), so the same loss and gradients to float rounding. On the embedded rows (8 rows of ~57 tokens) a
 second decoder call of 26 positions cost its fixed per-layer work more than its FLOPs: 1.13-1.17x per step
-(LoRA, QLoRA, QA-LoRA). Only where the padding it adds (`row_padding`) is at most `CALL_COST` positions: long rows (a 500-token
-row after a 25-token prefix) keep two calls rather than pad row 0 by 450. Evaluation keeps the cached form:
-there the prefix is computed once for a whole validation pass.
+(LoRA, QLoRA, QA-LoRA). Only where the padding it adds (`row_padding`) is at most `CALL_COST` positions: long
+rows (a 500-token row after a 25-token prefix) keep two calls rather than pad row 0 by 450. Evaluation keeps
+the cached form: there the prefix is computed once for a whole validation pass.
 
 Hidden state t predicts token t + 1. Sharing S = P - 1 rather than P tokens keeps the last common token
 in the rows' part, so every position that predicts a row's own tokens is there; the positions inside the
@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -134,7 +133,6 @@ def decode_with_shared_prefix(decoder: nn.Module, cache, input_ids: Tensor, atte
 CALL_COST = 64
 ROW_MODEL_TYPES = frozenset({"llama"})  # attention is plain softmax(q kᵀ · scale) v: no window, soft cap or sinks
 _ATTENTION = "lorakit_shared_prefix"
-_row = threading.local()  # .S: the shared length during `decode_prefix_as_row`; .masks: {(S, T', device): mask}
 
 
 def prefix_as_row(decoder: nn.Module) -> bool:
@@ -142,7 +140,8 @@ def prefix_as_row(decoder: nn.Module) -> bool:
     is plain (`ROW_MODEL_TYPES`), without attention dropout at work, whose config picks the attention function
     by name (transformers >= 5)."""
     config = getattr(decoder, "config", None)
-    if getattr(config, "model_type", None) not in ROW_MODEL_TYPES or not hasattr(config, "_attn_implementation_internal"):
+    if (getattr(config, "model_type", None) not in ROW_MODEL_TYPES
+            or not hasattr(config, "_attn_implementation_internal")):
         return False
     if decoder.training and float(getattr(config, "attention_dropout", 0.0) or 0.0) > 0:
         return False
@@ -183,29 +182,27 @@ def _expand_heads(x: Tensor, groups: int) -> Tensor:
     return x[:, :, None].expand(B, h, groups, T, d).reshape(B, h * groups, T, d)
 
 
-def _prefix_row_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask,
+def _prefix_row_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor,
                           dropout: float = 0.0, scaling: float | None = None, **kwargs) -> tuple[Tensor, None]:
     """The attention of `decode_prefix_as_row`'s batch (the module docstring): query (B + 1, h, T', d), key and
-    value (B + 1, h_kv, T', d), row 0 the prefix (its first S positions real) -> (B + 1, T', h, d)."""
+    value (B + 1, h_kv, T', d), row 0 the prefix (its first S positions real), and the rows' mask
+    (1, 1, T', S + T') that `decode_prefix_as_row` gave the decoder (transformers hands a 4-D mask on as it is)
+    -> (B + 1, T', h, d)."""
     for name in ("softcap", "sliding_window", "s_aux"):
         if kwargs.get(name) is not None:
             raise ValueError(f"the shared prefix's attention does not apply {name}; "
                              f"{type(module).__name__} should not have reached it (ROW_MODEL_TYPES)")
     if dropout:
         raise ValueError(f"the shared prefix's attention has no dropout (got {dropout}); prefix_as_row excludes it")
-    S = _row.S
+    rows, T = query.shape[0] - 1, query.shape[2]
+    S = attention_mask.shape[-1] - T
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = _expand_heads(key, groups), _expand_heads(value, groups)
-    rows, T = query.shape[0] - 1, query.shape[2]
     prefix = F.scaled_dot_product_attention(query[:1], key[:1], value[:1], is_causal=True, scale=scaling)
-    masks = _row.__dict__.setdefault("masks", {})
-    mask = masks.get((S, T, query.device))
-    if mask is None:  # (T', S + T'): every prefix key, then the row's own keys causally
-        own = torch.ones(T, T, dtype=torch.bool, device=query.device).tril()
-        mask = masks[(S, T, query.device)] = torch.cat([own.new_ones(T, S), own], dim=1)
     keys = torch.cat([key[:1, :, :S].expand(rows, -1, -1, -1), key[1:]], dim=2)  # (B, h, S + T', d)
     values = torch.cat([value[:1, :, :S].expand(rows, -1, -1, -1), value[1:]], dim=2)
-    out = F.scaled_dot_product_attention(query[1:], keys, values, attn_mask=mask, scale=scaling)  # (B, h, T', d)
+    out = F.scaled_dot_product_attention(query[1:], keys, values, attn_mask=attention_mask,
+                                         scale=scaling)  # (B, h, T', d)
     return torch.cat([prefix, out]).transpose(1, 2).contiguous(), None
 
 
@@ -220,12 +217,14 @@ def decode_prefix_as_row(decoder: nn.Module, input_ids: Tensor, S: int) -> Tenso
     batch[1:, :T - S] = input_ids[:, S:]
     positions = torch.arange(width, device=input_ids.device).repeat(B + 1, 1)
     positions[1:] += S
+    own = torch.ones(width, width, dtype=torch.bool, device=input_ids.device).tril()
+    mask = torch.cat([own.new_ones(width, S), own], dim=1)[None, None]  # (1, 1, T', S + T'): the prefix, own causal
     config = decoder.config
     before = config._attn_implementation_internal
     config._attn_implementation_internal = _ATTENTION  # this call only: the model keeps its own attention
-    _row.S = S
     try:
-        hidden = decoder(input_ids=batch, position_ids=positions, use_cache=False).last_hidden_state
+        hidden = decoder(input_ids=batch, attention_mask=mask, position_ids=positions,
+                         use_cache=False).last_hidden_state
     finally:
         config._attn_implementation_internal = before
     return hidden[1:, :T - S]
