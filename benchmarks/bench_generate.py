@@ -79,12 +79,14 @@ def main() -> None:
                                                         args.tokens, args.repeats)
     result["same_tokens_on_the_fly_and_once"] = fly == once
     try:
-        from llama_cpp import Llama
+        import llama_cpp
     except ImportError:
         print("llama-cpp-python is not installed: `pip install llama-cpp-python` to compare with llama.cpp")
     else:
-        llm = Llama(str(path), n_ctx=512, n_threads=args.threads, n_threads_batch=args.threads, verbose=False,
-                    logits_all=False)
+        from lorakit.formats.llamacpp import open_model  # as lorakit opens it (AMX buffers off where reported)
+
+        llm = open_model(llama_cpp, model_path=str(path), n_ctx=512, n_threads=args.threads,
+                         n_threads_batch=args.threads, verbose=False, logits_all=False)
         result["llama_cpp_tok_s"], theirs = decode_rate(lambda n: llama_generate(llm, ids[0].tolist(), n),
                                                         args.tokens, args.repeats)
         result["agreeing_tokens"] = next((i for i, (a, b) in enumerate(zip(once, theirs)) if a != b), len(once))

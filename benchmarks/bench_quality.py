@@ -16,6 +16,8 @@ clipping at 1.0, compute dtype auto):
     no warmup         train.warmup_steps=0
     fp32 offsets      the adapter trained against float32 offsets (rounded to fp16 only when merged)
     no clipping       train.max_grad_norm=0
+    fp32 compute      model.dtype=float32 (the defaults compute in what `auto` picks: bf16 on a CPU with native
+                      bf16, AVX512-BF16 or AMX; there this variant is the fp32 side of bf16 vs fp32)
     plain script      `plain_script` below: ~60 lines, constant lr, random batches, fp32 offsets, no clipping,
                       its own loop (AdamW, the same rows, the same adapter)
 
@@ -53,6 +55,7 @@ VARIANTS = {  # name -> overrides on top of BUDGET ("offsets=float32": the bench
     "no warmup": ["train.warmup_steps=0"],
     "fp32 offsets": ["offsets=float32"],
     "no clipping": ["train.max_grad_norm=0"],
+    "fp32 compute": ["model.dtype=float32"],
     "plain script": None,
 }
 
@@ -156,7 +159,8 @@ def run_one(name: str, seed: int, work: Path) -> dict:
                 w.offset_dtype = None  # run_gguf reloads the base (fp16 offsets) and merges: rounded there
     result = train(config, progress=False, model=model, tokenizer=tokenizer)
     gguf = run_gguf(out, config)
-    return {"seconds": result.seconds, "useful_tokens_per_s": result.per_s,
+    summary = json.loads((out / "summary.json").read_text())
+    return {"compute_dtype": summary.get("compute_dtype"), "seconds": result.seconds, "useful_tokens_per_s": result.per_s,
             "valid_ppl_torch": result.valid_ppl_after, "held_out_ppl": held_out_ppl(gguf, valid_path)}
 
 

@@ -51,6 +51,7 @@ def test_a_run_writes_its_outputs_and_learns(assets, tmp_path, method):
     assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 9))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["method"] == method
+    assert summary["compute_dtype"] == config.model.dtype == "float32"  # what model.dtype resolved to
     from lorakit.training.memory import peak_rss_bytes
     # memory beside speed: this process's high-water mark at the end of the run (it only grows; the kernel
     # syncs per-thread RSS counters in batches of 64 pages, so two readings may differ by a few hundred KiB)

@@ -12,6 +12,14 @@ PyTorch can on a CPU (`benchmarks/bench_generate.py`). Nothing else in lorakit i
 
 llama.cpp computes Q4_1 / Q5_1 matmuls against activations quantized to 8 bits per 32 (Q8_1), so its
 logits differ from a float32 forward over the same weights by a little even for identical weights.
+
+On a CPU that reports AMX (`amx_tile` in its flags) every model is opened with llama.cpp's extra buffer types
+off (`use_extra_bufts = false`: its weights repacked for AMX tiles): llama-cpp-python 0.3.36 built here
+(AVX512-BF16 + AMX Xeon, 2 vCPUs, the OS enabling AMX: PyTorch's oneDNN runs AMX in the same process) dies
+with SIGILL at `tileloadd` in `ggml_backend_amx_mul_mat` as soon as it evaluates 8 or more tokens at once
+(a prompt, perplexity), which no Python code can catch; llama.cpp reports the same class of crash
+(ggml-org/llama.cpp#28756, #28328). Without them the same file, the same Q4_1 kernels (AVX-512) answer
+correctly. `LORAKIT_LLAMA_CPP_AMX=1` keeps llama.cpp's AMX buffers, where they work.
 """
 
 from __future__ import annotations
@@ -33,6 +41,37 @@ def _llama_cpp():
     return llama_cpp
 
 
+def amx_buffers_off() -> bool:
+    """Whether lorakit opens llama.cpp models with its extra (AMX) buffer types off: the CPU reports AMX and
+    `LORAKIT_LLAMA_CPP_AMX` is not 1 (the module docstring)."""
+    from lorakit.training.hardware import cpu_flags
+
+    return os.environ.get("LORAKIT_LLAMA_CPP_AMX", "") != "1" and "amx_tile" in (cpu_flags() or set())
+
+
+def open_model(llama_cpp, **kwargs):
+    """`llama_cpp.Llama(**kwargs)`, with llama.cpp's extra buffer types off where `amx_buffers_off()`.
+    llama-cpp-python's constructor takes no such argument: it builds the model parameters from
+    `llama_model_default_params()`, which is wrapped for the constructor's duration."""
+    if not amx_buffers_off():
+        return llama_cpp.Llama(**kwargs)
+    low = llama_cpp.llama_cpp  # the ctypes bindings, where Llama looks the default parameters up
+    defaults = low.llama_model_default_params
+    if not hasattr(defaults(), "use_extra_bufts"):  # a llama-cpp-python without the field: nothing to turn off
+        return llama_cpp.Llama(**kwargs)
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    low.llama_model_default_params = without_extra_buffers
+    try:
+        return llama_cpp.Llama(**kwargs)
+    finally:
+        low.llama_model_default_params = defaults
+
+
 def available() -> bool:
     """Whether llama-cpp-python is installed (without importing it)."""
     import importlib.util
@@ -51,8 +90,8 @@ class Generator:
         llama_cpp = _llama_cpp()
         threads = n_threads or os.cpu_count()
         self.n_ctx = n_ctx
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                                   verbose=False)
+        self.llm = open_model(llama_cpp, model_path=str(path), n_ctx=n_ctx, n_threads=threads,
+                              n_threads_batch=threads, verbose=False)
 
     def generate_ids(self, prompt: Sequence[int], max_new_tokens: int, stop: Sequence[int] = ()) -> list[int]:
         """Up to `max_new_tokens` greedy tokens after `prompt`, ending early at a token of `stop` (not returned)."""
@@ -81,9 +120,9 @@ def llama_logits(path: str | os.PathLike, sequences: Sequence[Sequence[int]], *,
     """Next-token logits float32 (T, vocab) of every position of each token sequence, one llama.cpp context."""
     llama_cpp = _llama_cpp()
     n_ctx = max(len(s) for s in sequences) + 8
-    llm = llama_cpp.Llama(model_path=str(path), lora_path=None if lora is None else str(lora), logits_all=True,
-                          n_ctx=max(n_ctx, 64), n_batch=max(n_ctx, 64), n_threads=n_threads or os.cpu_count(),
-                          verbose=False)
+    llm = open_model(llama_cpp, model_path=str(path), lora_path=None if lora is None else str(lora),
+                     logits_all=True, n_ctx=max(n_ctx, 64), n_batch=max(n_ctx, 64),
+                     n_threads=n_threads or os.cpu_count(), verbose=False)
     out = []
     try:
         for seq in sequences:

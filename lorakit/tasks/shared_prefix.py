@@ -52,10 +52,10 @@ import functools
 import inspect
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit.data.render import IGNORE
+from lorakit.kernels.attention import sdpa
 from lorakit.quant.linear import held
 from lorakit.training.recompute import is_checkpointing
 
@@ -198,11 +198,10 @@ def _prefix_row_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
     S = attention_mask.shape[-1] - T
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = _expand_heads(key, groups), _expand_heads(value, groups)
-    prefix = F.scaled_dot_product_attention(query[:1], key[:1], value[:1], is_causal=True, scale=scaling)
+    prefix = sdpa(query[:1], key[:1], value[:1], is_causal=True, scale=scaling)  # float32 where that is faster
     keys = torch.cat([key[:1, :, :S].expand(rows, -1, -1, -1), key[1:]], dim=2)  # (B, h, S + T', d)
     values = torch.cat([value[:1, :, :S].expand(rows, -1, -1, -1), value[1:]], dim=2)
-    out = F.scaled_dot_product_attention(query[1:], keys, values, attn_mask=attention_mask,
-                                         scale=scaling)  # (B, h, T', d)
+    out = sdpa(query[1:], keys, values, attn_mask=attention_mask, scale=scaling)  # (B, h, T', d)
     return torch.cat([prefix, out]).transpose(1, 2).contiguous(), None
 
 

@@ -10,8 +10,9 @@ A run reads a `RunConfig` (`lorakit.training.run_config`) and writes, under ``ou
     adapter/            the final adapter, PEFT format (adapter_config.json, adapter_model.safetensors)
     loss_curve.png      train loss (raw and smoothed), validation loss and lr (`lorakit.report.plot`; needs matplotlib)
     tensorboard/ wandb/ mlruns/   what the trackers of `train.report_to` write (`lorakit.report.trackers`)
-    summary.json        what was trained, for how long, how well, and the peak memory (`peak_rss_bytes`: the
-                        process high-water mark; on CUDA also `cuda_max_memory_allocated_bytes`)
+    summary.json        what was trained, in which compute dtype (`compute_dtype`: what `model.dtype` resolved
+                        to), for how long, how well, and the peak memory (`peak_rss_bytes`: the process
+                        high-water mark; on CUDA also `cuda_max_memory_allocated_bytes`)
 
 The task supplies the examples, batches, loss and metrics and the loop never looks inside them; a
 "unit" below is what the task's loss averages over (a causal LM's loss-bearing tokens, images).
@@ -337,7 +338,8 @@ def _finish(run: _Run) -> TrainResult:
         _write_curve(run.run_dir)
         shards = run.shards
         write_json(run.run_dir / "summary.json", {
-            "method": run.config.method, "steps": run.step, "train_loss": run.last_loss,
+            "method": run.config.method, "compute_dtype": str(run.dtype).removeprefix("torch."),
+            "steps": run.step, "train_loss": run.last_loss,
             **task.summary(run.valid_before, run.valid_after, per_s),
             "train_seconds": run.seconds, "valid_seconds": run.valid_seconds, "peak_rss_bytes": peak_rss,
             **({"cuda_max_memory_allocated_bytes": cuda_peak} if cuda_peak is not None else {}),

@@ -89,7 +89,7 @@ def test_fused_llama_equals_unfused_and_keeps_no_norm_inputs():
     lorakit.inject_adapters(model, lorakit.LoraConfig(r=4, alpha=8, target_modules="all-linear"))
     randomise_trainable_(model, seed=4)
     fused = copy.deepcopy(model)
-    assert fuse_for_training_(fused) == {"rmsnorm": 5, "swiglu": 2}  # 2 per layer + final norm
+    assert fuse_for_training_(fused) == {"rmsnorm": 5, "swiglu": 2, "attention": 0}  # 2 per layer + final norm; fp32
     x = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     out, out_f = model(x, labels=x), fused(x, labels=x)
     torch.testing.assert_close(out_f.logits, out.logits, rtol=1e-5, atol=1e-5)
@@ -99,4 +99,4 @@ def test_fused_llama_equals_unfused_and_keeps_no_norm_inputs():
     for n, p in fused.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, grads[n].grad, rtol=1e-4, atol=1e-6, msg=n)
-    assert unfuse_(fused) == {"rmsnorm": 5, "swiglu": 2}
+    assert unfuse_(fused) == {"rmsnorm": 5, "swiglu": 2, "attention": 0}
