@@ -22,10 +22,13 @@ rounding only, towards the more precise. Elsewhere (GPU, fp32, long queries) the
 `sdpa` is the call; `fuse_attention_(model)` makes a transformers model's attention go through it for
 training (the model's own `sdpa` attention function, `sdpa_attention_forward`, with its q, k, v cast), by
 naming a registered attention function in the model's config; `unfuse_attention_` names `sdpa` again.
+`float32_attention(model)` does both around a block (evaluation: the same numbers inside and outside a
+training run). Generation is left alone: a one-token query would cast the whole KV cache at every step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -115,3 +118,15 @@ def unfuse_attention_(model: nn.Module) -> int:
             config._attn_implementation_internal = "sdpa"
             count += 1
     return count
+
+
+@contextlib.contextmanager
+def float32_attention(model: nn.Module):
+    """Inside the block, `fuse_attention_(model)`; after it, undone where the block did it (a model the training
+    loop fused stays fused). Yields how many configs the block switched."""
+    switched = fuse_attention_(model)
+    try:
+        yield switched
+    finally:
+        if switched:
+            unfuse_attention_(model)

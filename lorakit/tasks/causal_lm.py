@@ -327,7 +327,9 @@ def evaluate(model, examples, pad_id: int, batch_tokens: int = 2048, world=None,
     most `batch_tokens` padded tokens; with several processes each evaluates every P-th batch and the sums are
     all-reduced. `hold`: inside `dequantize_once` (when the copies fit in half the free memory) each layer's
     weight with its adapter merged is built once for all batches, and a prompt prefix every row shares is
-    computed once."""
+    computed once. On a CPU in bf16/fp16, short queries are attended in float32 as in training
+    (`lorakit.kernels.attention`), so a run's validation and a later `evaluate` agree."""
+    from lorakit.kernels.attention import float32_attention
     from lorakit.quant.linear import dequantize_once_if_it_fits
     from lorakit.training.distributed import World
 
@@ -338,7 +340,7 @@ def evaluate(model, examples, pad_id: int, batch_tokens: int = 2048, world=None,
     total, count = 0.0, 0
     dtype = compute_dtype(model)
     mine = batches[world.rank::world.size]
-    with dequantize_once_if_it_fits(model, dtype) if hold else contextlib.nullcontext():
+    with dequantize_once_if_it_fits(model, dtype) if hold else contextlib.nullcontext(), float32_attention(model):
         for i in range(-(-len(batches) // world.size)):  # as many forwards on every process (FSDP gathers in each)
             index = mine[i] if i < len(mine) else batches[0][:1]  # no batch left here: one row, not counted
             batch = batch_inputs([examples[j] for j in index], pad_id, dtype, world.device)

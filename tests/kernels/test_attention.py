@@ -102,3 +102,22 @@ def test_fuse_leaves_float32_and_other_attention_alone():
     bf16 = tiny_llama().to(torch.bfloat16)
     assert fuse_for_training_(bf16)["attention"] == 1
     assert unfuse_(bf16)["attention"] == 1 and unfuse_(bf16)["attention"] == 0
+
+
+def test_evaluation_attends_as_training_does_and_leaves_the_model_as_it_found_it():
+    from lorakit.data.render import Example
+    from lorakit.tasks.causal_lm import evaluate
+
+    g = torch.Generator().manual_seed(2)
+    examples = [Example(ids, [-100] * 3 + ids[3:]) for ids in
+                (torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (9, 14, 6))]
+    model = tiny_llama().to(torch.bfloat16)
+    plain = evaluate(model, examples, pad_id=0)
+    assert model.config._attn_implementation == "sdpa"  # switched for the pass only
+    assert fuse_attention_(model) == 1
+    assert evaluate(model, examples, pad_id=0) == plain  # as inside a training run (fused by the loop)
+    assert model.config._attn_implementation == NAME  # a fused model stays fused
+    unfuse_attention_(model)
+    with pytest.MonkeyPatch.context() as m:  # and without the float32 path it would differ
+        m.setattr("lorakit.kernels.attention.UPCAST_BELOW", 0)
+        assert evaluate(model, examples, pad_id=0) != plain
