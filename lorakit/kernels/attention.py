@@ -36,14 +36,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 UPCAST_BELOW = 256  # query tokens: below this, CPU attention in bf16/fp16 runs in float32 (the table above)
+REDUCED = (torch.bfloat16, torch.float16)  # the compute dtypes whose short-query CPU attention runs in float32
 NAME = "lorakit_sdpa"  # the attention function's name in transformers' tables
 
 
 def upcast(query: Tensor) -> bool:
     """Whether attention over `query` (..., T, d) runs in float32: a CPU tensor in bf16 or fp16 with T <
     `UPCAST_BELOW`."""
-    return (query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16)
-            and query.shape[-2] < UPCAST_BELOW)
+    return query.device.type == "cpu" and query.dtype in REDUCED and query.shape[-2] < UPCAST_BELOW
 
 
 def _float(mask: Tensor | None) -> Tensor | None:
@@ -99,7 +99,7 @@ def fuse_attention_(model: nn.Module) -> int:
     a CPU in bf16 or fp16 (its first floating-point parameter). Returns how many configs now name it (0 where
     nothing changed: another device, fp32, or an attention other than sdpa, e.g. eager for a soft cap)."""
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if param is None or param.device.type != "cpu" or param.dtype not in (torch.bfloat16, torch.float16):
+    if param is None or param.device.type != "cpu" or param.dtype not in REDUCED:
         return 0
     count = 0
     for config in _configs(model):
