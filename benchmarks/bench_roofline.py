@@ -21,7 +21,8 @@ dtype, and where the rest of a step goes.
 
 On the embedded SmolLM2-135M-Instruct, on instruction rows made of whole standard-library docstrings (long
 answers), batch 4, max 512 tokens, r 16 on every linear layer: `lora` on the dense model, `qlora` on NF4
-codes, `qalora` on the GGUF file's own Q4_1 codes. bf16 runs only where the CPU multiplies bf16 natively
+codes, `qalora` on the GGUF file's own Q4_1 codes; `METHOD+compile` (e.g. `qalora+compile`) the same with
+`train.compile=true` (the blocks through torch.compile; its warm-up steps compile). bf16 runs only where the CPU multiplies bf16 natively
 (`lorakit env` says; --bf16 forces it). `--rows embedded` runs the default job's rows instead (the embedded
 chat-template docstring rows `lorakit train` and `lorakit demo` train on: short rows, ~57 tokens, each
 beginning with the same system prompt), e.g. at its batch of 8 with `--batch 8`.
@@ -158,8 +159,9 @@ def run_methods(methods: list[str], dtype: str, args) -> list[dict]:
     world = init_world()
     runs, results = {}, {}
     for method in methods:
+        base_method, compiled = method.removesuffix("+compile"), method.endswith("+compile")
         config = load_config(None, [
-            f"method={method}", f"model.dtype={dtype}", *data,
+            f"method={base_method}", f"model.dtype={dtype}", *data, f"train.compile={compiled}",
             f"data.max_tokens={args.max_tokens}", f"output_dir={work / method}", f"train.steps={total + 1}",
             f"train.batch_size={args.batch}", "train.lr=2e-4", "train.warmup_steps=0", "train.eval_every=0",
             f"train.save_every={total + 1}", f"adapter.r={args.r}", f"adapter.alpha={2 * args.r}",
@@ -167,7 +169,7 @@ def run_methods(methods: list[str], dtype: str, args) -> list[dict]:
         runs[method] = run = loop._start(config, False, False, make_task(config), None, world)
         for _ in range(args.warmup):
             loop._step(run)
-        group_size = config.adapter.group_size if method == "qalora" else None  # QA-LoRA's A reads group means
+        group_size = config.adapter.group_size if base_method == "qalora" else None  # QA-LoRA's A reads group means
         results[method] = {"method": method, "group_size": group_size, "steps": []}
     r = args.r
     first_run = runs[methods[0]]
@@ -201,15 +203,22 @@ def run_methods(methods: list[str], dtype: str, args) -> list[dict]:
             peaks.append(matmul_peak(gemms, first_run.dtype))
     if args.rss_only:
         return [{"method": methods[0], "peak_rss_bytes": peak_rss_bytes()}]
-    # the profiled steps, with labelled ranges for what operator names alone do not tell apart
-    for weight_type in {type(m) for run in runs.values() for m in run.model.modules() if is_quantized_weight(m)}:
-        _label(weight_type, "dequantize", "lorakit::dequantize")
-    _label(losses._ChunkedCrossEntropySum, "apply", "lorakit::loss")
-    for module, fn in (("rmsnorm", "_RMSNorm"), ("swiglu", "_SwiGLUDown")):
-        _label(getattr(importlib.import_module(f"lorakit.kernels.{module}"), fn), "apply", f"lorakit::{module}")
+    def label_ranges():  # for what operator names alone do not tell apart
+        for weight_type in {type(m) for run in runs.values() for m in run.model.modules() if is_quantized_weight(m)}:
+            _label(weight_type, "dequantize", "lorakit::dequantize")
+        _label(losses._ChunkedCrossEntropySum, "apply", "lorakit::loss")
+        for module, fn in (("rmsnorm", "_RMSNorm"), ("swiglu", "_SwiGLUDown")):
+            _label(getattr(importlib.import_module(f"lorakit.kernels.{module}"), fn), "apply", f"lorakit::{module}")
+
     peak = max(peaks)
     out = []
-    for method, run in runs.items():
+    # the profiled steps: compiled runs first (the labels wrap functions their code was traced through, so
+    # a compiled run profiled after them would compile again)
+    labelled = False
+    for method, run in sorted(runs.items(), key=lambda kv: not kv[0].endswith("+compile")):
+        if not labelled and not method.endswith("+compile"):
+            label_ranges()
+            labelled = True
         result, steps = results[method], results[method]["steps"]
         run.batch_index = first + args.steps
         profiled_tokens = sum(len(e.input_ids) for e in run.batches[run.batch_index])
@@ -235,8 +244,9 @@ def run_methods(methods: list[str], dtype: str, args) -> list[dict]:
             "matmul_peaks_flops_per_s": peaks, "matmul_peak_flops_per_s": peak,
             "mfu": flops / seconds / peak, "mfu_best": flops / best / peak,
             "profile_tokens": profiled_tokens, "profile_wall_s": wall, "profile_buckets_s": buckets,
+            "compiled_blocks": run.compiled_blocks,
         })
-    return out
+    return sorted(out, key=lambda result: methods.index(result["method"]))
 
 
 def _child(args, methods: str, dtype: str, *extra: str, env: dict | None = None) -> list[dict]:

@@ -87,12 +87,29 @@ def pack_4bit(q: Tensor) -> Tensor:
     return (q[0::2] << 4) | q[1::2]
 
 
+def _memo(fn):
+    """`functools.cache` (positional arguments) that compiled code can read: dynamo traces through a
+    functools.cache'd function and would rebuild the table inside the graph (the 8-bit map's `tolist` even
+    splits it: `train.compile`), while an entry of a plain dict, filled when the weights were quantized, is
+    read as it is."""
+    store: dict = {}
+
+    @functools.wraps(fn)
+    def cached(*args):
+        if args not in store:
+            store[args] = fn(*args)
+        return store[args]
+
+    cached.cache_clear = store.clear
+    return cached
+
+
 def unpack_4bit(packed: Tensor) -> Tensor:
     """uint8 (m,) -> uint8 codes (2m,), the inverse of `pack_4bit`."""
     return torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(-1)
 
 
-@functools.cache
+@_memo
 def _tables(code_name: str, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """A code table as whole-byte lookups (one gather per byte is much faster than per-nibble work):
 
@@ -154,7 +171,7 @@ def _scale_blocks(values: Tensor, absmax: Tensor, block_size: int, n: int) -> Te
 
 # ---- 8-bit double quantization of the absmax constants ----------------------------------------
 
-@functools.cache
+@_memo
 def dynamic_map_8bit(device: torch.device = torch.device("cpu")) -> Tensor:
     """bitsandbytes' signed 8-bit dynamic map (`create_dynamic_map()`): 256 sorted float32 values in [-0.993, 1].
 

@@ -140,8 +140,10 @@ def _kept(store: threading.local, owner: object, tag: object, make) -> Tensor | 
 
 def training_dense(weight: Tensor | nn.Module, dtype: torch.dtype, moved: Tensor | None) -> Tensor | None:
     """Inside `hold_dense()`: a quantized weight dense in `dtype` (over its moved grid when `moved` is given),
-    built at its first use in the block; elsewhere, and for a dense weight, None."""
-    if isinstance(weight, Tensor):
+    built at its first use in the block; elsewhere, for a dense weight, and in compiled code (the block's
+    cache is not traceable: the compiled forward and backward each dequantize, fused into one generated loop;
+    `lorakit.training.compile`), None."""
+    if isinstance(weight, Tensor) or torch.compiler.is_compiling():
         return None
     return _kept(_hold, weight, (dtype, moved is None), lambda: _dense(weight, dtype, moved))
 

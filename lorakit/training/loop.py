@@ -12,7 +12,8 @@ A run reads a `RunConfig` (`lorakit.training.run_config`) and writes, under ``ou
     tensorboard/ wandb/ mlruns/   what the trackers of `train.report_to` write (`lorakit.report.trackers`)
     summary.json        what was trained, in which compute dtype (`compute_dtype`: what `model.dtype` resolved
                         to), for how long, how well, and the peak memory (`peak_rss_bytes`: the process
-                        high-water mark; on CUDA also `cuda_max_memory_allocated_bytes`)
+                        high-water mark; on CUDA also `cuda_max_memory_allocated_bytes`) and how many
+                        blocks ran compiled (`compiled_blocks`: `train.compile`, `lorakit.training.compile`)
 
 The task supplies the examples, batches, loss and metrics and the loop never looks inside them; a
 "unit" below is what the task's loss averages over (a causal LM's loss-bearing tokens, images).
@@ -35,6 +36,7 @@ then takes global / P' rows) and continues with the same batches.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,14 +108,19 @@ def train(config, *, resume: bool = False, progress: bool = True, model=None, to
     (WORLD_SIZE > 1) this process joins the process group (`lorakit.training.distributed`)."""
     from lorakit.tasks import make_task
 
+    from lorakit.training.compile import uncompile_blocks_
+
     own_world = world is None
     world = world or init_world()
+    run = None
     try:
         run = _start(config, resume, progress, make_task(config, tokenizer=tokenizer), model, world)
         while run.step < run.total_steps:
             _step(run)
         return _finish(run)
     finally:
+        if run is not None:
+            uncompile_blocks_(run.model)  # the model goes back to the caller eager, also after an error
         if own_world:
             close_world(world)
 
@@ -152,6 +159,7 @@ class _Run:
     sent_bytes: int = 0
     comm_seconds: float = 0.0
     first_step: int = 0
+    compiled_blocks: int = 0  # train.compile: the blocks torch.compile runs (0: eager)
 
     def log(self, step: int, **numbers) -> None:
         if self.metrics is not None:
@@ -201,6 +209,7 @@ def _start(config, resume: bool, progress: bool, task, model, world: World) -> _
         shards = shard_base_(model, world)  # moves the model to world.device too
     elif world.device.type != "cpu":
         model.to(world.device)
+    compiled_blocks = _compile(model, world) if t.compile else 0
     params = [p for p in model.parameters() if p.requires_grad]
     world.broadcast_params(params)
     if world.rank:
@@ -210,7 +219,7 @@ def _start(config, resume: bool, progress: bool, task, model, world: World) -> _
     total_steps = t.steps or max(1, math.ceil(t.epochs * per_epoch / t.grad_accum))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
     run = _Run(config, task, world, run_dir, model, params, optimizer, scheduler, train_examples, valid_examples,
-               stats, global_batch, total_steps, None, None, dtype, shards)
+               stats, global_batch, total_steps, None, None, dtype, shards, compiled_blocks=compiled_blocks)
     if checkpoint is not None:
         state = _load_checkpoint(checkpoint, model, optimizer, scheduler, world)
         run.step, run.epoch, run.batch_index = state["step"], state["epoch"], state["batch"]
@@ -228,6 +237,20 @@ def _start(config, resume: bool, progress: bool, task, model, world: World) -> _
         run.last_loss, run.valid_after = _last_losses(run_dir)
     run.first_step = run.step
     return run
+
+
+def _compile(model: nn.Module, world: World) -> int:
+    """`train.compile`: the model's blocks compiled (how many), or 0 with a warning where Inductor cannot build."""
+    from lorakit.training.compile import compile_blocks_, inductor_problem
+
+    problem = inductor_problem(world.device.type)
+    if problem is not None:
+        if world.main:
+            print(f"lorakit train: train.compile=true, but torch.compile cannot build code on this "
+                  f"{world.device.type} ({problem}); training eager. A CPU needs a C++ compiler "
+                  f"(apt-get install g++); set train.compile=false to silence this", file=sys.stderr)
+        return 0
+    return compile_blocks_(model)
 
 
 def _step(run: _Run) -> None:
@@ -301,8 +324,11 @@ def _stopped(run: _Run, what: str, fix: str) -> TrainingStopped:
 
 def _validate(run: _Run) -> dict:
     """The task's validation metrics of the model now; the time it takes goes to `run.valid_seconds`."""
+    from lorakit.training.compile import eager
+
     start = time.perf_counter()
-    metrics = run.task.evaluate(run.model, run.valid_examples, run.world)
+    with eager():  # no-grad calls would compile graphs of their own (train.compile)
+        metrics = run.task.evaluate(run.model, run.valid_examples, run.world)
     run.valid_seconds += time.perf_counter() - start
     return metrics
 
@@ -325,9 +351,11 @@ def _finish(run: _Run) -> TrainResult:
     """Write the adapter, the loss curve and summary.json (rank 0), close the side outputs, return the result."""
     import lorakit
     from lorakit.report.progress import format_bytes
+    from lorakit.training.compile import uncompile_blocks_
     from lorakit.training.memory import peak_memory_bytes, peak_rss_bytes
 
     world, task = run.world, run.task
+    uncompile_blocks_(run.model)
     lorakit.unfuse_(run.model)
     peak_rss = peak_rss_bytes()
     cuda_peak = peak_memory_bytes(world.device) if world.device.type == "cuda" else None
@@ -339,6 +367,7 @@ def _finish(run: _Run) -> TrainResult:
         shards = run.shards
         write_json(run.run_dir / "summary.json", {
             "method": run.config.method, "compute_dtype": str(run.dtype).removeprefix("torch."),
+            "compiled_blocks": run.compiled_blocks,
             "steps": run.step, "train_loss": run.last_loss,
             **task.summary(run.valid_before, run.valid_after, per_s),
             "train_seconds": run.seconds, "valid_seconds": run.valid_seconds, "peak_rss_bytes": peak_rss,

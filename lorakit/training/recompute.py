@@ -33,7 +33,10 @@ _CACHE_OFF = {"use_cache": False, "past_key_values": None, "past_key_value": Non
 
 
 def _is_cache(value) -> bool:
-    """A transformers ``Cache`` (any subclass), recognised without importing transformers."""
+    """A transformers ``Cache`` (any subclass), recognised without importing transformers. (Tensors, tuples
+    and plain values first: compiled code (`train.compile`) cannot walk a type's ``__mro__``.)"""
+    if value is None or isinstance(value, (torch.Tensor, tuple, bool, int, float, str)):
+        return False
     return any(cls.__name__ == "Cache" for cls in type(value).__mro__)
 
 

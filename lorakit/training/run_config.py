@@ -125,7 +125,8 @@ class TrainConfig:
     "linear" decay to 0 at the last step. `max_grad_norm` 0 turns clipping off; `eval_every` 0 never
     evaluates during training; `save_every` 0 saves a checkpoint only at the end. Under torchrun,
     `batch_size` is per process and `fsdp` shards the frozen base's decoder blocks over the processes
-    (`lorakit.training.fsdp`). `report_to` also sends the logged numbers to these trackers (`lorakit.report.trackers`;
+    (`lorakit.training.fsdp`). `compile` runs the decoder blocks through torch.compile (`lorakit.training.compile`:
+    pays on long runs of short rows; eager with a warning where it cannot build). `report_to` also sends the logged numbers to these trackers (`lorakit.report.trackers`;
     [] writes metrics.jsonl only)."""
 
     steps: int | None = _setting(None, ge=1)
@@ -138,6 +139,7 @@ class TrainConfig:
     schedule: Literal["cosine", "linear", "constant"] = "constant"
     max_grad_norm: float = _setting(1.0, ge=0)
     gradient_checkpointing: bool = False
+    compile: bool = False
     fsdp: bool = False
     eval_every: int = _setting(50, ge=0)
     save_every: int = _setting(50, ge=0)
@@ -147,6 +149,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _validate(self, "train")
+        if self.compile and self.fsdp:
+            raise ValueError("train.compile=true with train.fsdp=true is not supported: FSDP's sharded blocks are not "
+                             "compiled by lorakit; set one of them to false")
 
 
 @dataclass
