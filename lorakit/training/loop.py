@@ -107,7 +107,6 @@ def train(config, *, resume: bool = False, progress: bool = True, model=None, to
     `model` (and, for a causal LM, its `tokenizer`) replace loading `config.model`. Under torchrun
     (WORLD_SIZE > 1) this process joins the process group (`lorakit.training.distributed`)."""
     from lorakit.tasks import make_task
-
     from lorakit.training.compile import uncompile_blocks_
 
     own_world = world is None
@@ -119,7 +118,7 @@ def train(config, *, resume: bool = False, progress: bool = True, model=None, to
             _step(run)
         return _finish(run)
     finally:
-        if run is not None:
+        if run is not None and run.compiled_blocks:
             uncompile_blocks_(run.model)  # the model goes back to the caller eager, also after an error
         if own_world:
             close_world(world)
@@ -355,7 +354,8 @@ def _finish(run: _Run) -> TrainResult:
     from lorakit.training.memory import peak_memory_bytes, peak_rss_bytes
 
     world, task = run.world, run.task
-    uncompile_blocks_(run.model)
+    if run.compiled_blocks:
+        uncompile_blocks_(run.model)  # what train.compile compiled (a caller's own compile is left alone)
     lorakit.unfuse_(run.model)
     peak_rss = peak_rss_bytes()
     cuda_peak = peak_memory_bytes(world.device) if world.device.type == "cuda" else None
