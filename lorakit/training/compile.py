@@ -77,11 +77,16 @@ def compile_blocks_(model: nn.Module) -> int:
 
 
 def uncompile_blocks_(model: nn.Module) -> int:
-    """Run `model`'s compiled blocks eager again; return how many were compiled."""
+    """Run the blocks `compile_blocks_` compiled eager again (any other compiled module is left alone); return
+    how many were compiled."""
+    try:
+        blocks = find_blocks(model)
+    except ValueError:  # nothing compile_blocks_ could have compiled
+        return 0
     count = 0
-    for module in model.modules():
-        if getattr(module, "_compiled_call_impl", None) is not None:
-            module._compiled_call_impl = None
+    for block in blocks:
+        if block._compiled_call_impl is not None:
+            block._compiled_call_impl = None
             count += 1
     return count
 
@@ -92,5 +97,4 @@ def is_compiled(model: nn.Module) -> bool:
 
 def eager() -> contextlib.AbstractContextManager[None]:
     """Within the block, compiled code runs eager (torch.compiler.set_stance("force_eager"))."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")

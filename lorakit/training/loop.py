@@ -350,12 +350,9 @@ def _finish(run: _Run) -> TrainResult:
     """Write the adapter, the loss curve and summary.json (rank 0), close the side outputs, return the result."""
     import lorakit
     from lorakit.report.progress import format_bytes
-    from lorakit.training.compile import uncompile_blocks_
     from lorakit.training.memory import peak_memory_bytes, peak_rss_bytes
 
     world, task = run.world, run.task
-    if run.compiled_blocks:
-        uncompile_blocks_(run.model)  # what train.compile compiled (a caller's own compile is left alone)
     lorakit.unfuse_(run.model)
     peak_rss = peak_rss_bytes()
     cuda_peak = peak_memory_bytes(world.device) if world.device.type == "cuda" else None
