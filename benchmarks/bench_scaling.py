@@ -1,15 +1,18 @@
 """What a training step costs as the work grows: SmolLM2's published shapes (135M, 360M, 1.7B parameters,
 randomly initialised: the cost does not depend on the values) at 256 to 2048 tokens per row.
 
-For each size and method (`lora` on the dense fp32 model, `qlora` streamed into NF4, `qalora` on INT4 groups of
+For each size and method (`lora` on the dense model in `--dtype`, `qlora` streamed into NF4, `qalora` on INT4 groups of
 32) one process saves nothing but runs `lorakit train`'s own loop (`_start` / `_step`) with batch 1 and r 16 on
 every linear layer, on one row of each length in turn (shortest first, the first one twice as a warm-up), and
 reports per length: seconds per step, tokens/s, MFU against the matmul peak of `bench_roofline.py`, and the
 process's peak RSS (the high-water mark, reset after the model is loaded: the training steps' own peak; the
-load's peak is reported apart). Writes benchmarks/results/scaling.json and scaling.png (log-log).
+load's peak is reported apart). `--dtype` is the compute dtype (`model.dtype`: float32, or bfloat16 where the
+CPU has it natively; MFU against the peak of the same dtype); `--compile` trains with `train.compile=true`
+(the blocks through torch.compile; its compile time is in the warm-up step, not in the figures). Writes
+benchmarks/results/scaling.json and scaling.png (log-log); scaling_bf16.json / _compile for the others.
 
     python benchmarks/bench_scaling.py [--sizes 135M,360M,1.7B] [--lengths 256,512,1024,2048]
-                                       [--methods lora,qlora,qalora]
+                                       [--methods lora,qlora,qalora] [--dtype float32|bfloat16] [--compile]
 """
 
 from __future__ import annotations
@@ -97,7 +100,8 @@ def run_one(size: str, method: str, args) -> dict:
     rows = make_rows(Path(args.work) / f"rows-{size}-{method}.jsonl", lengths, tokenizer)
     out = Path(tempfile.mkdtemp(prefix=f"scaling-{size}-{method}-"))
     config = load_config(None, [
-        f"method={method}", f"model.path={directory}", "model.dtype=float32", f"data.train={rows}",
+        f"method={method}", f"model.path={directory}", f"model.dtype={args.dtype}", f"data.train={rows}",
+        f"train.compile={args.compile}",
         "data.valid_fraction=0", "data.shape=text", f"data.max_tokens={max(lengths)}", f"output_dir={out}",
         f"train.steps={len(lengths) + 1}", "train.batch_size=1", "train.warmup_steps=0", "train.eval_every=0",
         f"train.save_every={10 * len(lengths)}", f"adapter.r={args.r}", f"adapter.alpha={2 * args.r}",
@@ -116,11 +120,12 @@ def run_one(size: str, method: str, args) -> dict:
             loop._step(run)
             seconds = run.seconds - before
         flops = step_flops(shape, [n], n - 1, args.r)["total"]
-        peak = matmul_peak(gemm_shapes(shape, n, args.r), torch.float32, repeats=2)
+        peak = matmul_peak(gemm_shapes(shape, n, args.r), run.dtype, repeats=2)
         results.append({"tokens": n, "seconds_per_step": seconds, "tokens_per_s": n / seconds,
-                        "mfu": flops / seconds / peak, "peak_rss_bytes": peak_rss_bytes()})
+                        "mfu": flops / seconds / peak, "matmul_peak_flops_per_s": peak, "peak_rss_bytes": peak_rss_bytes()})
         print(json.dumps({"size": size, "method": method, **results[-1]}), file=sys.stderr, flush=True)
-    return {"size": size, "method": method, "parameters": shape.parameters(), "load_seconds": load_seconds,
+    return {"size": size, "method": method, "dtype": str(run.dtype).removeprefix("torch."),
+            "compiled_blocks": run.compiled_blocks, "parameters": shape.parameters(), "load_seconds": load_seconds,
             "load_peak_rss_bytes": load_peak, "rss_after_load_bytes": current_rss_bytes(), "steps": results}
 
 
@@ -142,6 +147,9 @@ def plot(results: list[dict], path: Path) -> None:
     for ax in (left, right):
         ax.grid(True, which="both", alpha=0.3)
     left.legend(fontsize=7, ncol=3)
+    dtypes = sorted({r.get("dtype", "float32") for r in results})
+    fig.suptitle(", ".join(dtypes) + (", compiled blocks" if any(r.get("compiled_blocks") for r in results) else ""),
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -154,8 +162,13 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "lorakit-scaling"))
     parser.add_argument("--one", nargs=2, metavar=("SIZE", "METHOD"), help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--compile", action="store_true", help="train.compile=true (the blocks through torch.compile)")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.out is None:
+        suffix = ("_bf16" if args.dtype == "bfloat16" else "") + ("_compile" if args.compile else "")
+        args.out = RESULTS.with_name(f"scaling{suffix}.json")
     if args.one:
         print(json.dumps(run_one(*args.one, args)))
         return
@@ -166,7 +179,7 @@ def main() -> None:
         make_model(size, Path(args.work) / size)
         for method in args.methods.split(","):
             cmd = [sys.executable, __file__, "--one", size, method, "--lengths", args.lengths, "--r", str(args.r),
-                   "--work", args.work]
+                   "--work", args.work, "--dtype", args.dtype] + (["--compile"] if args.compile else [])
             done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             if done.returncode:
                 sys.exit(f"{size} {method} failed (exit {done.returncode})")
@@ -179,7 +192,8 @@ def main() -> None:
             from lorakit.io import write_json
 
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            write_json(args.out, {"torch": torch.__version__, "cpu": os.cpu_count(), "results": results})
+            write_json(args.out, {"torch": torch.__version__, "cpu": os.cpu_count(), "dtype": args.dtype,
+                                  "compile": args.compile, "results": results})
     plot(results, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 
