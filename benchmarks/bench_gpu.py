@@ -7,7 +7,8 @@ bearing loss), r 16 alpha 32 on every linear layer, AdamW lr 1e-4, bf16 compute:
 
 - `lorakit-*`: `lorakit train`'s own loop (`loop._start` / `loop._step`: task, fused kernels, chunked loss,
   clipping, schedule) with `method=lora|qlora|qalora`, `model.dtype=auto` (bf16 on this GPU); `-gc` adds
-  `train.gradient_checkpointing=true`.
+  `train.gradient_checkpointing=true`, `-compile` `train.compile=true` (each decoder block through
+  torch.compile: Triton kernels and fewer launches from the host; compiled in the warm-up steps).
 - `peft-lora`: transformers in bf16 + PEFT, a plain loop (forward with labels, backward, AdamW step).
 - `peft-bnb-qlora`: the QLoRA recipe of PEFT's docs: bitsandbytes NF4 with double quantization and bf16
   compute, `prepare_model_for_kbit_training` (which turns gradient checkpointing on and casts the norms and
@@ -44,6 +45,10 @@ CONFIGS = {
     "lorakit-qlora": "lorakit QLoRA (NF4, double quant)",
     "lorakit-qalora": "lorakit QA-LoRA (INT4, group 32)",
     "lorakit-qlora-gc": "lorakit QLoRA + gradient checkpointing",
+    "lorakit-lora-compile": "lorakit LoRA, compiled blocks",
+    "lorakit-qlora-compile": "lorakit QLoRA, compiled blocks",
+    "lorakit-qalora-compile": "lorakit QA-LoRA, compiled blocks",
+    "lorakit-qlora-gc-compile": "lorakit QLoRA + gradient checkpointing, compiled blocks",
     "peft-lora": "PEFT LoRA (bf16 base)",
     "peft-bnb-qlora": "PEFT + bitsandbytes QLoRA (docs recipe, checkpointing)",
     "peft-bnb-qlora-nogc": "PEFT + bitsandbytes QLoRA, no checkpointing",
@@ -88,7 +93,8 @@ def run_lorakit(name: str, directory: Path, rows: Path, args) -> dict:
         "data.valid_fraction=0", "data.shape=text", f"data.max_tokens={args.tokens}", f"output_dir={out}",
         f"train.steps={WARMUP + args.steps + 1}", f"train.batch_size={args.batch}", "train.warmup_steps=0",
         "train.eval_every=0", f"train.save_every={10 * (WARMUP + args.steps)}", f"adapter.r={R}",
-        f"adapter.alpha={ALPHA}", "train.lr=1e-4", *(["train.gradient_checkpointing=true"] if name.endswith("-gc") else []),
+        f"adapter.alpha={ALPHA}", "train.lr=1e-4", f"train.gradient_checkpointing={'-gc' in name}",
+        f"train.compile={name.endswith('-compile')}",
     ])
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
     start = time.perf_counter()
@@ -103,7 +109,8 @@ def run_lorakit(name: str, directory: Path, rows: Path, args) -> dict:
         loop._step(run)
 
     seconds, peak = timed(step, args.steps, world.device)
-    return {"load_seconds": load_seconds, "seconds": seconds, "peak_bytes": peak, "dtype": str(run.dtype)}
+    return {"load_seconds": load_seconds, "seconds": seconds, "peak_bytes": peak, "dtype": str(run.dtype),
+            "compiled_blocks": run.compiled_blocks}
 
 
 def run_peft(name: str, directory: Path, rows: Path, args) -> dict:

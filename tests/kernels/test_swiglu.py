@@ -45,18 +45,32 @@ def _check_against_reference(args, atol):
             torch.testing.assert_close(t.grad, t_ref.grad, rtol=1e-5, atol=atol)
 
 
-def test_quantized_weight_matches_its_dequantized_reference():
+def _in_pieces(monkeypatch):
+    """Weights over 2 x 256 elements multiply in pieces of 300 (`lorakit.quant.linear.forward_product`)."""
+    import importlib
+
+    import lorakit.quant.blockwise as blockwise
+
+    monkeypatch.setattr(blockwise, "CHUNK", 256)
+    monkeypatch.setattr(importlib.import_module("lorakit.quant.linear"), "PIECE", 300)
+
+
+@pytest.mark.parametrize("pieces", [False, True])
+def test_quantized_weight_matches_its_dequantized_reference(monkeypatch, pieces):
+    if pieces:  # a large 4-bit weight on a CPU: its blocks dequantized and multiplied in turn
+        _in_pieces(monkeypatch)
     g, u, w, b0, a, b = _inputs(f=64, d=32)
     qw = lorakit.NF4Weight.from_float(w)
-    y = swiglu_down(g, u, qw, b0, a, b, 2.0)
-    y_ref = swiglu_down_reference(g, u, qw.dequantize(), b0, a, b, 2.0)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    _check_against_reference([g, u, qw, b0, a, b, 2.0, None], atol=1e-5)
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_moved_offsets_match_reference_values_and_gradients(bias):
+@pytest.mark.parametrize("pieces", [False, True])
+def test_moved_offsets_match_reference_values_and_gradients(monkeypatch, bias, pieces):
     """QA-LoRA on deployed offsets: the down projection over the moved INT-N grid equals the base plus the
     offsets' change times each group's sum, forward and gradients (g, u, b and the moved offsets)."""
+    if pieces:
+        _in_pieces(monkeypatch)
     g, u, w, b0, *_ = _inputs(f=64, d=32, bias=bias)
     qw = lorakit.IntNWeight.from_float(w, 4, 32)
     moved = (torch.randn(32, 2, generator=torch.Generator().manual_seed(1)) * 0.05).requires_grad_()

@@ -115,15 +115,17 @@ def test_float_casts_keep_the_format_and_change_only_dtype():
     assert q.half().dtype == torch.float16 and q.to("cpu").dtype == torch.float16
 
 
-def test_dequantize_dtype_and_shape():
-    w = gaussian((7, 9))
-    q = NF4Weight.from_float(w)
-    assert q.shape == torch.Size((7, 9)) and q.dtype == torch.float32
+@pytest.mark.parametrize("shape, double_quant", [((7, 9), False), ((16, 128), False), ((48, 96), True)])
+def test_dequantize_dtype_and_shape(shape, double_quant):
+    # (7, 9): a partial last block; whole blocks write a bf16/fp16 result in the scaling pass itself
+    w = gaussian(shape)
+    q = NF4Weight.from_float(w, double_quant=double_quant)
+    assert q.shape == torch.Size(shape) and q.dtype == torch.float32
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         out = q.dequantize(dtype)
-        assert out.dtype == dtype and out.shape == (7, 9)
+        assert out.dtype == dtype and out.shape == shape
         assert torch.equal(out, q.dequantize(torch.float32).to(dtype))
-    assert "NF4Weight(shape=(7, 9)" in repr(q) and "bits_per_param" in repr(q)
+    assert f"NF4Weight(shape={shape}" in repr(q) and "bits_per_param" in repr(q)
 
 
 @pytest.mark.parametrize("block_size", [0, 3, -64, 64.0, True])
@@ -141,3 +143,17 @@ def test_bad_weights_are_clear_errors():
         NF4Weight.from_float(torch.ones(4, 4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"quant_type='nf3' is not supported; choose one of \['fp4', 'int4', 'nf4'\]"):
         weight_class("nf3")
+
+
+@pytest.mark.parametrize("block_size", [64, 96])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_large_weights_dequantize_in_pieces_to_the_same_values(monkeypatch, block_size, dtype):
+    # over 2 x CHUNK elements a CPU weight is dequantized CHUNK elements (whole blocks) at a time; pieces are
+    # made small here (a partial last piece: 7680 elements in pieces of 640 or 576)
+    import lorakit.quant.blockwise as blockwise
+
+    q = NF4Weight.from_float(gaussian((40, 192)), block_size=block_size, double_quant=True)
+    before = q.dequantize(dtype)
+    monkeypatch.setattr(blockwise, "CHUNK", 600)
+    assert blockwise.chunked(q.shape.numel(), q.codes.device)
+    assert torch.equal(q.dequantize(dtype), before)

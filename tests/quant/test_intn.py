@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorakit.quant.intn import BITS, IntNWeight, minmax_params, pack_codes, round_to_grid, unpack_codes
+from lorakit.quant.intn import (BITS, IntNWeight, dequantize_grid, minmax_params, pack_codes, round_to_grid,
+                                unpack_codes)
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -90,3 +91,32 @@ def test_minmax_matches_round_to_grid_extremes():
     scale, offset = minmax_params(w, 4, 32)
     q = round_to_grid(w, scale, offset, 4).view(3, 2, 32)
     assert (q.amin(-1) == 0).all() and (q.amax(-1) == 15).all()
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_dequantize_in_any_dtype_is_the_grid_rounded_once(bits):
+    # 4 bits gathers codes as floats and writes bf16/fp16 in the add itself: bit-identical to the grid, then .to
+    q = IntNWeight.from_float(torch.randn(24, 96, generator=torch.Generator().manual_seed(bits)), bits, 32)
+    moved = torch.randn(q.scale.shape, generator=torch.Generator().manual_seed(7)) * 0.01
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for m in (None, moved):
+            grid = dequantize_grid(q.q(), q.scale, q.offset if m is None else q.offset + m)
+            out = q.dequantize(dtype, m)
+            assert out.dtype == dtype and out.shape == (24, 96)
+            assert torch.equal(out, grid.to(dtype)), (dtype, m is None)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_large_weights_dequantize_in_pieces_to_the_same_values(monkeypatch, bits):
+    # a weight over 2 x CHUNK elements is dequantized in row pieces (bf16/fp16 on a CPU): pieces are made
+    # small here so a small weight takes that path; 40 rows of 96 = 3840 elements, pieces of 2 rows
+    import lorakit.quant.blockwise as blockwise
+
+    q = IntNWeight.from_float(torch.randn(40, 96, generator=torch.Generator().manual_seed(bits)), bits, 32)
+    moved = torch.randn(q.scale.shape, generator=torch.Generator().manual_seed(3)) * 0.01
+    expected = {(dtype, m is None): q.dequantize(dtype, m) for dtype in (torch.bfloat16, torch.float16)
+                for m in (None, moved)}
+    monkeypatch.setattr(blockwise, "CHUNK", 200)
+    assert blockwise.chunked(q.shape.numel(), q.codes.device)
+    for (dtype, plain), before in expected.items():
+        assert torch.equal(q.dequantize(dtype, None if plain else moved), before)
