@@ -33,7 +33,7 @@ row-major order (`pack_codes` / `unpack_codes`); 2, 4 and 8 bits take a fast pat
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lorakit.quant import blockwise
 from lorakit.quant.storage import PackedWeight
