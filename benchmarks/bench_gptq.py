@@ -116,7 +116,7 @@ def main() -> None:
             record("GPTQ", bits, act_order, model, time.perf_counter() - start)
         del model
 
-    print(f"\n| method | bits | act_order | held-out ppl | quantize (s) |\n|---|---|---|---|---|")
+    print("\n| method | bits | act_order | held-out ppl | quantize (s) |\n|---|---|---|---|---|")
     for r in rows:
         bits = r["bits"] if r["bits"] is not None else "32 (fp)"
         act = {None: "", False: "off", True: "on"}[r["act_order"]]

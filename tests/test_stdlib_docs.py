@@ -1,7 +1,5 @@
 """The embedded default dataset: real docstrings, held out by module, loss masked on prompts."""
 
-import pytest
-import torch
 
 from lorakit.data.stdlib_docs import IGNORE, TRAIN_MODULES, VALID_MODULES, collate, docstring_pairs, encode_chat
 

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from lorakit.kernels.patching import patch_forward, unpatch_forward
 from lorakit.quant.intn import group_sums
-from lorakit.quant.linear import backward_product, dense_weight, forward_product, offset_grad, training_dense
+from lorakit.quant.linear import dense_weight, kept_or_dense, offset_grad, training_dense
 
 
 def _pool(m: Tensor, group_size: int | None) -> Tensor:
@@ -59,7 +59,8 @@ class _SwiGLUDown(torch.autograd.Function):
     def forward(ctx, g, u, weight, bias, a, b, scaling, group_size, moved):
         m = F.silu(g) * u  # (N, f), freed after forward
         ctx.dense = training_dense(weight, m.dtype, moved)  # inside hold_dense(): one copy for forward and backward
-        y = forward_product(m, ctx.dense, weight, moved, bias)  # (N, d)
+        y = F.linear(m, kept_or_dense(ctx.dense, weight, m.dtype, moved),
+                     None if bias is None else bias.to(m.dtype))  # (N, d)
         sums = group_sums(m, weight.group_size) if ctx.needs_input_grad[8] else None  # (N, f/g)
         h = None
         if a is not None:
@@ -75,7 +76,7 @@ class _SwiGLUDown(torch.autograd.Function):
     def backward(ctx, gy):
         g, u, bias, a, b, h, moved, sums = ctx.saved_tensors
         dtype = gy.dtype
-        gm = backward_product(gy, ctx.dense, ctx.weight, moved)  # (N, f)
+        gm = gy @ kept_or_dense(ctx.dense, ctx.weight, dtype, moved)  # (N, f)
         grad_a = grad_b = grad_bias = grad_moved = None
         if ctx.needs_input_grad[8]:
             grad_moved = offset_grad(gy, sums)

@@ -154,28 +154,46 @@ def dequantize_4bit(
     Each byte's two float32 values are gathered as one 8-byte element (a 1-D gather), and whole blocks are
     scaled in place: one fresh (n,) float32 buffer instead of three (on a CPU, the fresh pages of a large
     buffer cost more than the arithmetic)."""
-    byte_values, _, _ = _tables(code_name, packed.device)
-    pairs = byte_values.view(torch.float64).view(-1)                      # (256,): (v_hi, v_lo) as one element
-    if chunked(n, packed.device) and n == 2 * packed.numel() == absmax.numel() * block_size:
-        return _dequantize_chunks(pairs, packed, absmax, block_size, dtype)
+    pairs = _pairs(code_name, packed.device)
+    if n == 2 * packed.numel() == absmax.numel() * block_size:  # whole blocks
+        if chunked(n, packed.device):
+            return _dequantize_chunks(pairs, packed, absmax, block_size, dtype)
+        return _decode_blocks(pairs, packed, absmax, block_size).to(dtype)
     values = pairs.index_select(0, packed.int()).view(torch.float32)      # (2m,) float32
-    if values.numel() == n == absmax.numel() * block_size:
-        return values.view(-1, block_size).mul_(absmax.unsqueeze(1)).view(-1).to(dtype)
     return _scale_blocks(values, absmax, block_size, n).to(dtype)
+
+
+def _pairs(code_name: str, device: torch.device) -> Tensor:
+    """float64 (256,): each byte's two float32 code values (v_hi, v_lo) viewed as one 8-byte element."""
+    return _tables(code_name, device)[0].view(torch.float64).view(-1)
+
+
+def _decode_blocks(pairs: Tensor, packed: Tensor, absmax: Tensor, block_size: int, out: Tensor | None = None) -> Tensor:
+    """packed uint8 (any shape, m bytes) of whole blocks, absmax float32 (2m/block_size values) -> float32 (2m,):
+    one 1-D gather of each byte's pair (`_pairs`), then each block scaled by its absmax in place; into `out`
+    (float32 (2m,), contiguous) when given: the one decoding of `dequantize_4bit` whole and in chunks."""
+    index = packed.reshape(-1).int()
+    if out is None:
+        values = pairs.index_select(0, index).view(torch.float32)
+    else:
+        values = torch.index_select(pairs, 0, index, out=out.view(torch.float64)).view(torch.float32)
+    values.view(-1, block_size).mul_(absmax.reshape(-1, 1))
+    return values
 
 
 CHUNK = 1 << 21  # elements: a float32 piece of 8 MiB, reused from the heap (under glibc's mmap threshold)
 
 
 def chunked(n: int, device: torch.device) -> bool:
-    """Whether a CPU weight of n elements is dequantized in pieces of `CHUNK` elements: when its float32 form
-    would be over 16 MiB (a 2048 x 8192 MLP weight of a 1.7B model). One float32 buffer that large is a fresh
-    mapping of the kernel's, faulted in page by page at every dequantization (glibc serves requests over
-    32 MiB that way, whatever `lorakit.training.allocator` sets), and each pass over it runs from memory; an
-    8 MiB piece is reused from the heap and stays in cache between the gather, the scaling and the cast.
-    Measured (2-core Xeon, AVX-512, torch 2.13), 2048 x 8192 NF4 to bf16: 49-68 ms whole, 13-22 ms in pieces;
-    at 2048 x 2048 and below whole is as fast or faster. Not on a GPU, and not in compiled code (Inductor
-    makes its own loops)."""
+    """Whether a CPU weight of n elements is dequantized `CHUNK` elements at a time: when its float32 form would
+    be over 16 MiB (a 2048 x 8192 MLP weight of a 1.7B model). One float32 buffer that large is a fresh mapping
+    of the kernel's, faulted in page by page at every dequantization (glibc serves requests over 32 MiB that
+    way, whatever `lorakit.training.allocator` sets), and each pass over it runs from memory; an 8 MiB chunk is
+    reused from the heap and stays in cache between the gather, the scaling and the cast into the one dense
+    result. Measured (2-core Xeon, AVX-512, torch 2.13), 2048 x 8192 NF4 to bf16: 49-68 ms whole, 13-22 ms in
+    chunks; at 2048 x 2048 and below whole is as fast or faster. Multiplying by the weight in pieces instead
+    (never dense whole) was slower than this (the README's scaling section). Not on a GPU, and not in compiled
+    code (Inductor makes its own loops)."""
     return n > 2 * CHUNK and device.type == "cpu" and not torch.compiler.is_compiling()
 
 
@@ -189,8 +207,8 @@ def _dequantize_chunks(pairs: Tensor, packed: Tensor, absmax: Tensor, block_size
     for start in range(0, n, step):
         end = min(start + step, n)
         values = out[start:end] if buffer is None else buffer[:end - start]  # float32 (k,), written in place
-        torch.index_select(pairs, 0, packed[start // 2:end // 2].int(), out=values.view(torch.float64))
-        values.view(-1, block_size).mul_(absmax[start // block_size:end // block_size, None])
+        _decode_blocks(pairs, packed[start // 2:end // 2], absmax[start // block_size:end // block_size],
+                       block_size, out=values)
         if buffer is not None:
             out[start:end].copy_(values)
     return out
@@ -318,28 +336,6 @@ class BlockwiseWeight(PackedWeight):
             return self.absmax
         absmax = dequantize_8bit(self.absmax_codes, self.nested_absmax, self.double_quant_block_size)
         return absmax + self.nested_offset
-
-    def block_reader(self, dtype: torch.dtype):
-        """`read(rows, cols) -> Ŵ[rows, cols]` in `dtype`, dequantizing only that block (the same float32 gather
-        and product as `dequantize`, so the same numbers), for products with the weight in pieces
-        (`lorakit.quant.linear.forward_product`); column bounds must be multiples of `read.col_step`. None
-        when a row does not hold whole blocks (in_features not a multiple of block_size)."""
-        out_features, in_features = self.shape
-        size = self.block_size
-        if in_features % size:
-            return None
-        codes = self.codes.view(out_features, in_features // 2)                  # two codes per byte
-        absmax = self.block_absmax().view(out_features, in_features // size)
-        pairs = _tables(self.quant_type, codes.device)[0].view(torch.float64).view(-1)
-
-        def read(rows: slice, cols: slice) -> Tensor:
-            block = codes[rows, cols.start // 2:cols.stop // 2]                   # (r, c/2)
-            values = pairs.index_select(0, block.reshape(-1).int()).view(torch.float32)
-            values.view(-1, size).mul_(absmax[rows, cols.start // size:cols.stop // size].reshape(-1, 1))
-            return values.view(block.shape[0], -1).to(dtype)                     # (r, c)
-
-        read.col_step = size
-        return read
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The dense (out, in) weight in `dtype` (computed in float32, cast once)."""

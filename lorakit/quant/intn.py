@@ -76,10 +76,11 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
 
 
 def unpack_codes(packed: Tensor, bits: int, n: int) -> Tensor:
-    """The inverse of `pack_codes`: uint8 (ceil(n·bits/8),) -> uint8 codes (n,)."""
+    """The inverse of `pack_codes`: uint8 (ceil(n·bits/8),) -> uint8 codes (n,). `packed` may be any shape (a
+    block of whole-byte rows, strided), read in row-major order."""
     # shifts by a Python int (a vectorised kernel; a broadcast tensor of shifts runs ~3x slower on CPU)
     if bits == 8:
-        return packed[:n].clone()  # a fresh tensor, as for other widths: callers may write into it
+        return packed.reshape(-1)[:n].clone()  # a fresh tensor, as for other widths: callers may write into it
     if 8 % bits == 0:
         mask = (1 << bits) - 1
         return torch.stack([(packed >> (i * bits)) & mask for i in range(8 // bits)], dim=-1).reshape(-1)[:n]
@@ -207,40 +208,29 @@ class IntNWeight(PackedWeight):
         offset = self.offset if moved is None else self.offset + moved
         dtype = dtype or self.dtype
         out_features, in_features = self.shape
-        row_bytes, ragged = divmod(in_features * self.bits, 8)
-        if dtype == torch.float32 or ragged or not blockwise.chunked(self.shape.numel(), self.codes.device):
+        if dtype == torch.float32 or not self._whole_byte_rows() or not blockwise.chunked(
+                self.shape.numel(), self.codes.device):
             return dequantize_grid(self.q(), self.scale, offset).to(dtype)
         # a large weight in bf16/fp16: rows of about CHUNK elements at a time (`blockwise.chunked`: 1.7-1.8x
         # for 2048 x 8192 INT4 to bf16; in float32 the result itself is the large buffer, and pieces were slower)
         out = torch.empty(self.shape, dtype=dtype, device=self.codes.device)
-        rows = max(blockwise.CHUNK // in_features, 1)
-        for r in range(0, out_features, rows):
-            e = min(r + rows, out_features)
-            q = unpack_codes(self.codes[r * row_bytes:e * row_bytes], self.bits, (e - r) * in_features)
-            out[r:e].copy_(dequantize_grid(q.view(e - r, in_features), self.scale[r:e], offset[r:e]))
+        step = max(blockwise.CHUNK // in_features, 1)
+        for r in range(0, out_features, step):
+            rows = slice(r, min(r + step, out_features))
+            out[rows].copy_(self._rows(rows, offset))
         return out
 
-    def block_reader(self, dtype: torch.dtype, moved: Tensor | None = None):
-        """`read(rows, cols) -> Ŵ[rows, cols]` in `dtype` (over the moved grid when `moved` is given), dequantizing
-        only that block with `dequantize_grid` (the same numbers as `dequantize`), for products with the weight
-        in pieces (`lorakit.quant.linear.forward_product`); column bounds must be multiples of
-        `read.col_step`. 4 bits only (two codes per byte: a block of rows and whole groups is a slice of bytes);
-        None otherwise."""
+    def _whole_byte_rows(self) -> bool:
+        """Whether each row's codes are whole bytes of the stream (in·bits a multiple of 8): rows are then
+        slices of bytes (`_rows`)."""
+        return self.shape[1] * self.bits % 8 == 0
+
+    def _rows(self, rows: slice, offset: Tensor) -> Tensor:
+        """float32 Ŵ[rows] = scale · q + offset of those rows only (`dequantize_grid`, the whole weight's numbers)."""
         out_features, in_features = self.shape
-        if self.bits != 4 or in_features % 2:
-            return None
-        codes = self.codes.view(out_features, in_features // 2)
-        offset = self.offset if moved is None else self.offset + moved
-        g = self.group_size
-
-        def read(rows: slice, cols: slice) -> Tensor:
-            block = codes[rows, cols.start // 2:cols.stop // 2]                   # (r, c/2)
-            q = unpack_codes(block, 4, 2 * block.numel()).view(block.shape[0], -1)
-            groups = slice(cols.start // g, cols.stop // g)
-            return dequantize_grid(q, self.scale[rows, groups], offset[rows, groups]).to(dtype)
-
-        read.col_step = g if g % 2 == 0 else 2 * g
-        return read
+        codes = self.codes[:out_features * in_features * self.bits // 8].view(out_features, -1)  # row bytes
+        q = unpack_codes(codes[rows], self.bits, codes[rows].shape[0] * in_features).view(-1, in_features)
+        return dequantize_grid(q, self.scale[rows], offset[rows])
 
     def moved_offset(self, delta: Tensor) -> Tensor:
         """The offset change a merge of δ (out, in/g) really makes, float32 (out, in/g):

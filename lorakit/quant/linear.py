@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorakit.quant.blockwise import chunked, weight_class
+from lorakit.quant.blockwise import weight_class
 from lorakit.quant.intn import group_sums
 
 
@@ -154,63 +154,6 @@ def kept_or_dense(kept: Tensor | None, weight: Tensor | nn.Module, dtype: torch.
     return kept if kept is not None and kept.dtype == dtype else _dense(weight, dtype, moved)
 
 
-PIECE = 1 << 20  # elements of Ŵ dequantized at a time by `forward_product` / `backward_product` (4 MiB in fp32)
-
-
-def _reader(weight: Tensor | nn.Module, kept: Tensor | None, dtype: torch.dtype, moved: Tensor | None):
-    """The weight's `block_reader` when a product with it goes in pieces: a large 4-bit weight on a CPU
-    (`blockwise.chunked`: over 4M elements) with no held dense copy in `dtype`; else None."""
-    if isinstance(weight, Tensor) or (kept is not None and kept.dtype == dtype):
-        return None
-    make = getattr(weight, "block_reader", None)
-    if make is None or not chunked(weight.shape.numel(), weight.codes.device):
-        return None
-    return make(dtype) if moved is None else make(dtype, moved)
-
-
-def forward_product(x: Tensor, kept: Tensor | None, weight: Tensor | nn.Module, moved: Tensor | None,
-                    bias: Tensor | None = None) -> Tensor:
-    """x Ŵᵀ + b: (..., in) -> (..., out) in x's dtype, Ŵ = `kept` (a held copy) or the weight dense now.
-
-    A large 4-bit weight on a CPU is never made dense whole: `PIECE`-element blocks of its rows are dequantized
-    and multiplied in turn, y[:, rows] = x Ŵ[rows]ᵀ, each output from one full-length product as before. A
-    dense 2048 x 8192 weight is 32-64 MiB, a fresh mapping of the kernel's at every use (glibc maps requests
-    over 32 MiB anew, and faults them in page by page) written and read from memory; a piece is reused from the
-    heap and read from cache by its product."""
-    bias = None if bias is None else bias.to(x.dtype)
-    read = _reader(weight, kept, x.dtype, moved)
-    if read is None:
-        return F.linear(x, kept_or_dense(kept, weight, x.dtype, moved), bias)
-    out_features, in_features = weight.shape
-    rows = x.reshape(-1, in_features)                                        # (N, in)
-    # the result is returned as allocated, not a view of it: callers (a LoRA layer) add into it in place
-    result = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
-    y = result.view(-1, out_features)                                        # (N, out)
-    step = max(PIECE // in_features, 1)
-    for start in range(0, out_features, step):
-        piece = slice(start, min(start + step, out_features))
-        w = read(piece, slice(0, in_features))                               # (rows of the piece, in)
-        y[:, piece] = rows @ w.t() if bias is None else torch.addmm(bias[piece], rows, w.t())
-    return result
-
-
-def backward_product(grad: Tensor, kept: Tensor | None, weight: Tensor | nn.Module, moved: Tensor | None) -> Tensor:
-    """grad Ŵ: (..., out) -> (..., in) in grad's dtype; a large 4-bit weight on a CPU in blocks of whole columns
-    (`forward_product`), gx[:, cols] = grad Ŵ[:, cols], each from one full-length product."""
-    read = _reader(weight, kept, grad.dtype, moved)
-    if read is None:
-        return grad @ kept_or_dense(kept, weight, grad.dtype, moved)
-    out_features, in_features = weight.shape
-    rows = grad.reshape(-1, out_features)                                    # (N, out)
-    result = torch.empty(*grad.shape[:-1], in_features, dtype=grad.dtype, device=grad.device)
-    gx = result.view(-1, in_features)                                        # (N, in)
-    step = max(PIECE // out_features // read.col_step, 1) * read.col_step
-    for start in range(0, in_features, step):
-        piece = slice(start, min(start + step, in_features))
-        gx[:, piece] = rows @ read(slice(0, out_features), piece)            # (N, columns of the piece)
-    return result
-
-
 def _dense(weight: Tensor | nn.Module, dtype: torch.dtype, moved: Tensor | None) -> Tensor:
     """The (out, in) weight in `dtype`, dequantized now (over its moved grid when `moved` is given). Not through
     `held`: autograd runs a Function's forward and backward with grad off, which is no sign of inference."""
@@ -276,9 +219,10 @@ class _DequantizingLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: nn.Module, bias: Tensor | None, moved: Tensor | None) -> Tensor:
         ctx.weight = weight
         ctx.dense = training_dense(weight, x.dtype, moved)  # inside hold_dense(): kept for backward
+        dense = kept_or_dense(ctx.dense, weight, x.dtype, moved)
         sums = group_sums(x, weight.group_size) if ctx.needs_input_grad[3] else None
         ctx.save_for_backward(moved, sums)
-        return forward_product(x, ctx.dense, weight, moved, bias)
+        return F.linear(x, dense, None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -286,7 +230,7 @@ class _DequantizingLinear(torch.autograd.Function):
         weight = ctx.weight
         grad_x = grad_bias = grad_moved = None
         if ctx.needs_input_grad[0]:  # (..., out) @ (out, in)
-            grad_x = backward_product(grad_out, ctx.dense, weight, moved)
+            grad_x = grad_out @ kept_or_dense(ctx.dense, weight, grad_out.dtype, moved)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)   # (out,)
         if ctx.needs_input_grad[3]:

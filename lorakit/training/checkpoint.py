@@ -17,7 +17,6 @@ every earlier checkpoint intact and never a half-written one under a `step-*` na
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 from pathlib import Path

@@ -45,32 +45,29 @@ def _check_against_reference(args, atol):
             torch.testing.assert_close(t.grad, t_ref.grad, rtol=1e-5, atol=atol)
 
 
-def _in_pieces(monkeypatch):
-    """Weights over 2 x 256 elements multiply in pieces of 300 (`lorakit.quant.linear.forward_product`)."""
-    import importlib
-
+def _in_chunks(monkeypatch):
+    """Weights over 2 x 256 elements are dequantized in chunks (`lorakit.quant.blockwise.chunked`)."""
     import lorakit.quant.blockwise as blockwise
 
     monkeypatch.setattr(blockwise, "CHUNK", 256)
-    monkeypatch.setattr(importlib.import_module("lorakit.quant.linear"), "PIECE", 300)
 
 
-@pytest.mark.parametrize("pieces", [False, True])
-def test_quantized_weight_matches_its_dequantized_reference(monkeypatch, pieces):
-    if pieces:  # a large 4-bit weight on a CPU: its blocks dequantized and multiplied in turn
-        _in_pieces(monkeypatch)
+@pytest.mark.parametrize("chunks", [False, True])
+def test_quantized_weight_matches_its_dequantized_reference(monkeypatch, chunks):
+    if chunks:  # a large 4-bit weight on a CPU: dequantized a chunk at a time
+        _in_chunks(monkeypatch)
     g, u, w, b0, a, b = _inputs(f=64, d=32)
     qw = lorakit.NF4Weight.from_float(w)
     _check_against_reference([g, u, qw, b0, a, b, 2.0, None], atol=1e-5)
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("pieces", [False, True])
-def test_moved_offsets_match_reference_values_and_gradients(monkeypatch, bias, pieces):
+@pytest.mark.parametrize("chunks", [False, True])
+def test_moved_offsets_match_reference_values_and_gradients(monkeypatch, bias, chunks):
     """QA-LoRA on deployed offsets: the down projection over the moved INT-N grid equals the base plus the
     offsets' change times each group's sum, forward and gradients (g, u, b and the moved offsets)."""
-    if pieces:
-        _in_pieces(monkeypatch)
+    if chunks:
+        _in_chunks(monkeypatch)
     g, u, w, b0, *_ = _inputs(f=64, d=32, bias=bias)
     qw = lorakit.IntNWeight.from_float(w, 4, 32)
     moved = (torch.randn(32, 2, generator=torch.Generator().manual_seed(1)) * 0.05).requires_grad_()

@@ -174,29 +174,19 @@ def test_dequantize_once_if_it_fits_caches_only_when_the_dense_copy_fits(monkeyp
     assert not isinstance(linear_module.dequantize_once_if_it_fits(dense, torch.float32), type(linear_module.dequantize_once()))
 
 
-def _pieces(monkeypatch):
-    """Make the in-pieces products (`forward_product`, `backward_product`) take these small weights: any weight
-    over 2 x 256 elements, in pieces of 600 elements (partial last pieces)."""
-    import importlib
-
-    import lorakit.quant.blockwise as blockwise
-
-    qlinear = importlib.import_module("lorakit.quant.linear")  # `lorakit.quant.linear` the attribute is the function
-    monkeypatch.setattr(blockwise, "CHUNK", 256)
-    monkeypatch.setattr(qlinear, "PIECE", 600)
-
-
-@pytest.mark.parametrize("kind", ["nf4", "int4", "int4-moved"])
+@pytest.mark.parametrize("kind", ["nf4", "int4", "int4-moved", "int5-moved", "int3", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_large_weights_multiply_in_pieces_with_the_same_values_and_gradients(monkeypatch, kind, dtype):
-    # a large 4-bit weight on a CPU is never made dense whole: blocks of its rows (forward) and columns
-    # (backward) are dequantized and multiplied in turn; each output is still one full-length product
+def test_large_weights_dequantized_in_chunks_train_bit_for_bit_as_whole(monkeypatch, kind, dtype):
+    # a weight over 2 x CHUNK elements on a CPU is dequantized CHUNK elements (NF4) or rows (INT-N, bf16/fp16) at a
+    # time: the same float32 numbers rounded once, so the products and every gradient are the same bits
+    import lorakit.quant.blockwise as blockwise
     from lorakit.quant.intn import IntNWeight
     from lorakit.quant.linear import offset_linear
 
     w = torch.randn(OUT, IN + 48, generator=torch.Generator().manual_seed(2))  # (48, 128): whole blocks
-    q = NF4Weight.from_float(w, block_size=64) if kind == "nf4" else IntNWeight.from_float(w, 4, 32)
-    moved = (torch.randn(q.scale.shape) * 0.01).requires_grad_() if kind == "int4-moved" else None
+    bits = None if kind == "nf4" else int(kind[3])  # INT-N: 3 and 5 bits are a bit stream, rows of whole bytes
+    q = NF4Weight.from_float(w, block_size=64) if bits is None else IntNWeight.from_float(w, bits, 32)
+    moved = (torch.randn(q.scale.shape) * 0.01).requires_grad_() if kind.endswith("-moved") else None
     bias = torch.randn(OUT).requires_grad_()
     grad = torch.randn(3, 7, OUT).to(dtype)
 
@@ -211,61 +201,16 @@ def test_large_weights_multiply_in_pieces_with_the_same_values_and_gradients(mon
         return [y.detach()] + grads
 
     whole = run()
-    _pieces(monkeypatch)
+    monkeypatch.setattr(blockwise, "CHUNK", 256)  # this 6,144-element weight now goes in chunks
     calls = []
-    reader = type(q).block_reader
-    monkeypatch.setattr(type(q), "block_reader", lambda self, *a: calls.append(a) or reader(self, *a))
-    pieces = run()
-    assert len(calls) == 2  # forward and backward went in pieces
-    tol = {} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}  # bf16: one rounding of each output
-    for a, b in zip(pieces, whole):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        torch.testing.assert_close(a, b, **tol)
-
-
-def test_ragged_or_small_weights_are_not_multiplied_in_pieces(monkeypatch):
-    from lorakit.quant.intn import IntNWeight
-    from lorakit.quant.linear import _reader
-
-    _pieces(monkeypatch)
-    whole_blocks = NF4Weight.from_float(torch.randn(48, 128), block_size=64)
-    assert _reader(whole_blocks, None, torch.float32, None) is not None
-    ragged = quantized()  # (48, 80): 80 is not a multiple of the block size 64
-    assert ragged.block_reader(torch.float32) is None and _reader(ragged, None, torch.float32, None) is None
-    assert IntNWeight.from_float(torch.randn(48, 128), 3, 32).block_reader(torch.float32) is None  # 4 bits only
-    held = whole_blocks.dequantize(torch.bfloat16)
-    assert _reader(whole_blocks, held, torch.bfloat16, None) is None  # a held copy in the dtype is used whole
-    assert _reader(whole_blocks, held, torch.float32, None) is not None
-    assert _reader(torch.randn(48, 128), None, torch.float32, None) is None  # dense
-    monkeypatch.undo()
-    assert _reader(whole_blocks, None, torch.float32, None) is None  # 6,144 elements: whole
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_lora_layer_over_a_large_weight_in_pieces_trains_as_over_it_whole(monkeypatch, dtype):
-    # the LoRA layer adds its update into the base output in place: the in-pieces product returns a fresh tensor
-    from lorakit.adapters.config import LoraConfig
-    from lorakit.adapters.layers import LoraLayer
-
-    base = nn.Linear(128, OUT, bias=True)
-    torch.nn.init.normal_(base.weight, std=0.1)
-    layer = LoraLayer(QuantizedLinear.from_linear(base, NF4Config()))
-    layer.add_adapter("default", LoraConfig(r=4, alpha=8))
-    layer.active = "default"
-    torch.nn.init.normal_(layer.lora["default"].B, std=0.1)
-    grad = torch.randn(2, 5, OUT).to(dtype)
-
-    def run():
-        x = inputs(2, 5, 128, dtype=dtype, seed=6)
-        y = layer(x)
-        y.backward(grad)
-        adapter = layer.lora["default"]
-        out = [y.detach(), x.grad, adapter.A.grad.clone(), adapter.B.grad.clone()]
-        adapter.A.grad = adapter.B.grad = None
-        return out
-
-    whole = run()
-    _pieces(monkeypatch)
-    tol = {} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
-    for a, b in zip(run(), whole):
-        torch.testing.assert_close(a, b, **tol)
+    if bits is None:
+        chunks = blockwise._dequantize_chunks
+        monkeypatch.setattr(blockwise, "_dequantize_chunks", lambda *a: calls.append(a) or chunks(*a))
+    else:
+        rows = IntNWeight._rows
+        monkeypatch.setattr(IntNWeight, "_rows", lambda self, *a: calls.append(a) or rows(self, *a))
+    chunked = run()
+    # forward and backward dequantized in chunks (INT-N: float32 is made whole, the result itself being the buffer)
+    assert (len(calls) > 0) == (bits is None or dtype != torch.float32)
+    for a, b in zip(chunked, whole):
+        assert a.dtype == b.dtype and torch.equal(a, b)
