@@ -76,8 +76,8 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
 
 
 def unpack_codes(packed: Tensor, bits: int, n: int) -> Tensor:
-    """The inverse of `pack_codes`: uint8 (ceil(n·bits/8),) -> uint8 codes (n,). `packed` may be any shape (a
-    block of whole-byte rows, strided), read in row-major order."""
+    """The inverse of `pack_codes`: uint8 (ceil(n·bits/8),) -> uint8 codes (n,). `packed` may be any shape (rows
+    of whole bytes, `IntNWeight._rows`), read in row-major order."""
     # shifts by a Python int (a vectorised kernel; a broadcast tensor of shifts runs ~3x slower on CPU)
     if bits == 8:
         return packed.reshape(-1)[:n].clone()  # a fresh tensor, as for other widths: callers may write into it
@@ -229,7 +229,8 @@ class IntNWeight(PackedWeight):
         """float32 Ŵ[rows] = scale · q + offset of those rows only (`dequantize_grid`, the whole weight's numbers)."""
         out_features, in_features = self.shape
         codes = self.codes[:out_features * in_features * self.bits // 8].view(out_features, -1)  # row bytes
-        q = unpack_codes(codes[rows], self.bits, codes[rows].shape[0] * in_features).view(-1, in_features)
+        block = codes[rows]                                                                     # (r, in·bits/8)
+        q = unpack_codes(block, self.bits, block.shape[0] * in_features).view(-1, in_features)
         return dequantize_grid(q, self.scale[rows], offset[rows])
 
     def moved_offset(self, delta: Tensor) -> Tensor:
