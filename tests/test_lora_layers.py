@@ -202,9 +202,20 @@ def test_disable_adapters_gives_exactly_the_base_output(case: LayerCase):
     assert torch.equal(run(model, x), expected), "adapter not re-enabled on exit"
 
 
+def _peft_version() -> tuple[int, ...]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return tuple(int(part) for part in version("peft").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return (0,)
+
+
 PEFT_DILATION = pytest.mark.xfail(
-    raises=RuntimeError, reason="PEFT 0.21 builds a conv's lora_A without the base's dilation (peft/tuners/lora/layer.py, "
-    "_ConvNd.update_layer), so its forward does not fit a dilated conv; lorakit keeps the dilation (exact merge)")
+    _peft_version() < (0, 22), raises=RuntimeError, strict=True,
+    reason="PEFT before 0.22 builds a conv's lora_A without the base's dilation (peft/tuners/lora/layer.py, "
+    "_ConvNd.update_layer), so its forward does not fit a dilated conv; lorakit keeps the dilation (exact merge); "
+    "PEFT 0.22 fixed it")
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=PEFT_DILATION) if c.dilated else c for c in LAYERS], ids=LAYER_IDS)

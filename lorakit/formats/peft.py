@@ -77,6 +77,7 @@ PEFT_FIELDS_IGNORED = {  # bookkeeping, or only about how PEFT initialises / wra
     "loftq_config", "eva_config", "corda_config", "megatron_config", "megatron_core", "layer_replication",
     "ensure_weight_tying", "target_parameters", "lora_ga_config", "arrow_config", "kasa_config",
     "monteclora_config", "velora_config", "use_bdlora", "alora_invocation_tokens", "trainable_token_indices",
+    "astra_config",  # peft 0.22: ASTRA initialisation (like corda_config: how A, B and the base were made)
 }
 PEFT_FIELDS_UNSUPPORTED = {  # field -> value that is fine; anything else changes the math and is refused
     "lora_bias": False,

@@ -54,11 +54,25 @@ def inductor_problem(device_type: str = "cpu") -> str | None:
     return None
 
 
+def configure_dynamo() -> None:
+    """The process-wide Dynamo settings compiled blocks need (`compile_blocks_` sets them):
+
+    - `recompile_limit` at least 64: each (method, grad or not, first block or not) is a graph of the one block
+      class, room for several runs in one process;
+    - `skip_fwd_side_effects_in_bwd_under_checkpoint`: since transformers 5.25 an attention forward runs through
+      the `kernels` package's hub-layer wrapper, which sets a context variable and resets it at every call.
+      Inside a checkpoint (`train.gradient_checkpointing`) Dynamo will not trace a side effect that the
+      recompute in backward would not replay, and splits each block there (no graph at all for the block);
+      that set-and-reset leaves nothing to replay."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+
+
 def compile_blocks_(model: nn.Module) -> int:
     """Compile every block of `model`'s largest list of identical blocks; return how many. In place (the
     modules and state-dict keys are untouched); `uncompile_blocks_` undoes it."""
-    import torch._dynamo
-
     from lorakit.kernels import unfuse_rmsnorm_, unfuse_swiglu_
 
     try:
@@ -69,8 +83,7 @@ def compile_blocks_(model: nn.Module) -> int:
     unfuse_rmsnorm_(model)
     unfuse_swiglu_(model)
 
-    # each (method, grad or not, first block or not) is a graph of the one block class: room for several runs
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    configure_dynamo()
     for block in blocks:
         block.compile(dynamic=True)
     return len(blocks)
