@@ -16,6 +16,8 @@ forward q·kᵀ and P·v over half the T x T scores (2 · 2·B·h·T²·d / 2), 
   `--block` queries at a time against their causal prefix of keys through `bmm` in the dtype (each key-value
   head's query heads folded into the rows), the softmax in float32. Its scores q·kᵀ are rounded to the dtype
   before the softmax (a CPU `bmm` has no float32 output in torch 2.13); the flash kernel keeps them in float32.
+- `blocked-f32-scores`: the same with q·kᵀ computed from float32 copies of q and k (the flash kernel's precision
+  for the scores, at float32 GEMM speed for that product).
 
 Prints one line per length and writes `--out` (JSON; default benchmarks/results/attention_<dtype>.json).
 """
@@ -101,9 +103,10 @@ def main() -> None:
         q, k, v = (torch.randn(args.batch, h, length, args.dim, generator=g).to(dtype).requires_grad_()
                    for h in (heads, kv_heads, kv_heads))
         grad = torch.randn(args.batch, heads, length, args.dim, generator=g).to(dtype)
-        reference = flash(q.double(), k.double(), v.double())  # the exact result, to report each one's error
+        with torch.no_grad():  # the exact result, to report each one's error
+            reference = flash(q.double(), k.double(), v.double())
+            errors = {name: (fn(q, k, v).double() - reference).abs().max().item() for name, fn in candidates.items()}
         times = {name: [] for name in candidates}
-        errors = {}
         for round_ in range(args.rounds):
             for name, fn in candidates.items():
                 start = time.perf_counter()
@@ -112,7 +115,6 @@ def main() -> None:
                     out.backward(grad)
                 if round_:
                     times[name].append((time.perf_counter() - start) / args.repeats)
-                errors[name] = (out.detach().double() - reference.detach()).abs().max().item()
         flops = 3 * 2 * args.batch * heads * length * length * args.dim  # causal: forward 2·B·h·T²·d, backward 2x
         row = {"tokens": length, "flops": flops}
         for name in candidates:

@@ -212,7 +212,7 @@ class IntNWeight(PackedWeight):
                 self.shape.numel(), self.codes.device):
             return dequantize_grid(self.q(), self.scale, offset).to(dtype)
         # a large weight in bf16/fp16: rows of about CHUNK elements at a time (`blockwise.chunked`: 1.7-1.8x
-        # for 2048 x 8192 INT4 to bf16; in float32 the result itself is the large buffer, and pieces were slower)
+        # for 2048 x 8192 INT4 to bf16; in float32 the result itself is the large buffer, and chunks were slower)
         out = torch.empty(self.shape, dtype=dtype, device=self.codes.device)
         step = max(blockwise.CHUNK // in_features, 1)
         for r in range(0, out_features, step):
